@@ -1,0 +1,50 @@
+"""Start-up configuration: frozen, sectioned, validated once, with errors that name the offending value."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # a GGUF path; None = the embedded default model
+    ctx: int = 2048  # context per request (prompt + output), as Ollama's num_ctx: KV = ctx x parallel
+    parallel: int = 16  # sequences decoded together
+    threads: int = os.cpu_count() or 1
+    batch_tokens: int = 512  # the most tokens one forward pass takes (llama.cpp n_batch)
+    max_waiting: int = 256  # requests queued beyond the parallel slots before 429
+
+    def __post_init__(self) -> None:
+        _require(32 <= self.ctx <= 1_048_576, f"--ctx must be between 32 and 1048576, got {self.ctx}")
+        _require(1 <= self.parallel <= 256, f"--parallel must be between 1 and 256, got {self.parallel}")
+        _require(1 <= self.threads <= 1024, f"--threads must be between 1 and 1024, got {self.threads}")
+        _require(
+            self.parallel <= self.batch_tokens <= 65536,
+            f"--batch must be between --parallel ({self.parallel}) and 65536, got {self.batch_tokens}",
+        )
+        _require(0 <= self.max_waiting <= 100_000, f"--max-waiting must be in 0..100000, got {self.max_waiting}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()  # empty = no authentication
+    max_body_bytes: int = 4 * 1024 * 1024
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
+        _require(all(self.api_keys), "API keys must not be empty strings")
+        _require(self.max_body_bytes >= 1024, f"max body size must be >= 1024 bytes, got {self.max_body_bytes}")
+        _require(self.drain_timeout_s >= 0, f"drain timeout must be >= 0, got {self.drain_timeout_s}")

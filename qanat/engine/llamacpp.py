@@ -1,0 +1,291 @@
+"""The llama.cpp executor: one model, one context, one batch per step, one sample per decoding request.
+
+Everything here goes through llama.cpp's C API (via llama-cpp-python's ctypes bindings), so the same code
+runs on CPU, CUDA, Metal or Vulkan builds of the library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import llama_cpp._logger as llama_logger
+import numpy as np
+
+from qanat.engine.scheduler import SchedulerPlan
+from qanat.engine.types import InvalidRequestError, SampledLogprobs, SamplingParams
+
+llama_logger.logger.setLevel(logging.ERROR)  # llama.cpp's load-time chatter, unless it is an error
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    num_slots: int  # parallel sequences
+    slot_capacity: int  # KV cells (tokens) per sequence
+    batch_tokens: int  # n_batch = n_ubatch: the most tokens one llama_decode may take
+    threads: int
+
+
+class LlamaModel:
+    """Weights, vocabulary and tokenizer. Thread-safe for tokenizing: it reads only the vocabulary."""
+
+    def __init__(self, path: Path) -> None:
+        _init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = -1  # every layer on the accelerator when the build has one; ignored on CPU
+        self.path = path
+        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ValueError(f"llama.cpp could not load the model file {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        self.eog_ids = frozenset(t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t))
+        self.bos_id = llama_cpp.llama_vocab_bos(self.vocab)
+        self.eos_id = llama_cpp.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def metadata(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # truncated: chat templates can be long
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Special tokens written in `text` (`<|im_start|>`) are parsed, as llama.cpp's server does."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 2
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, capacity, add_special, True)
+        return list(buf[:n])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for; control tokens (EOS, <|im_end|>) render as nothing."""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token_id, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token_id, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token_id] = piece
+        return piece
+
+    def token_text(self, token_id: int, special: bool = True) -> str:
+        """One token as text, special tokens included (for logprobs and display)."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token_id, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
+
+
+class RequestSampler:
+    """A llama.cpp sampler chain for one request. Built from vocabulary alone, so any thread may build it."""
+
+    def __init__(self, model: LlamaModel, params: SamplingParams, penalty_window: int) -> None:
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        self.ptr = llama_cpp.llama_sampler_chain_init(chain_params)
+        self.logprobs = params.logprobs
+
+        bias = dict(params.logit_bias)
+        for token_id in bias:
+            if not 0 <= token_id < model.n_vocab:
+                self.close()
+                raise InvalidRequestError(
+                    f"logit_bias token id {token_id} is outside the vocabulary (0..{model.n_vocab - 1})",
+                    param="logit_bias",
+                )
+        if params.ignore_eos:
+            bias.update({t: -np.inf for t in model.eog_ids})
+        if bias:
+            entries = (llama_cpp.llama_logit_bias * len(bias))(
+                *(llama_cpp.llama_logit_bias(token=t, bias=b) for t, b in bias.items())
+            )
+            self._add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(bias), entries))
+        if params.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                self.close()
+                raise InvalidRequestError("the grammar does not parse", param="grammar")
+            self._add(grammar)
+        if (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0):
+            self._add(llama_cpp.llama_sampler_init_penalties(
+                penalty_window, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+            ))
+        if params.is_greedy:
+            self._add(llama_cpp.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            self._add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            self._add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            self._add(llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+        self._add(llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = random.getrandbits(32) if params.seed is None else params.seed % 2**32
+        self._add(llama_cpp.llama_sampler_init_dist(seed))
+
+    def _add(self, sampler: llama_cpp.llama_sampler_p) -> None:
+        llama_cpp.llama_sampler_chain_add(self.ptr, sampler)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[str, int]  # request_id -> next token
+    logprobs: dict[str, SampledLogprobs]  # only for requests that asked
+
+
+class LlamaCppExecutor:
+    """Owns the llama_context and the batch buffers; runs one plan per call, on the engine thread only."""
+
+    def __init__(self, model: LlamaModel, settings: ContextSettings) -> None:
+        self.model = model
+        self.settings = settings
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.num_slots * settings.slot_capacity
+        params.n_batch = settings.batch_tokens
+        params.n_ubatch = settings.batch_tokens
+        params.n_seq_max = settings.num_slots
+        params.n_threads = settings.threads
+        params.n_threads_batch = settings.threads
+        params.kv_unified = False  # a stream per sequence: measured ~20% faster decode steps at 16 sequences
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.slot_capacity = llama_cpp.llama_n_ctx_seq(self.ctx)  # what llama.cpp actually allocated
+        self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+
+        # The batch lives in numpy arrays that llama_batch points into: filling it is a few slice copies.
+        n = self.n_batch
+        self._token = np.zeros(n, dtype=np.int32)
+        self._pos = np.zeros(n, dtype=np.int32)
+        self._n_seq_id = np.ones(n, dtype=np.int32)
+        self._seq_id = np.zeros(n, dtype=np.int32)
+        self._logits = np.zeros(n, dtype=np.int8)
+        seq_id_size = self._seq_id.itemsize
+        self._seq_id_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * n)(*(
+            ctypes.cast(self._seq_id.ctypes.data + i * seq_id_size, ctypes.POINTER(llama_cpp.llama_seq_id))
+            for i in range(n)
+        ))
+        self._batch = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self._token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_id_ptrs,
+            logits=self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+        self.samplers: dict[str, RequestSampler] = {}
+
+    def close(self) -> None:
+        for sampler in self.samplers.values():
+            sampler.close()
+        self.samplers.clear()
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+    def release(self, request_id: str) -> None:
+        sampler = self.samplers.pop(request_id, None)
+        if sampler is not None:
+            sampler.close()
+
+    def execute(self, plan: SchedulerPlan) -> StepResult:
+        for op in plan.cache_ops:
+            if op.copy_from is not None:
+                # Across streams llama.cpp copies whole sequences only; the tail is trimmed just below.
+                llama_cpp.llama_memory_seq_cp(self.memory, op.copy_from, op.seq_id, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self.memory, op.seq_id, op.keep, -1)
+        if not plan.chunks:
+            return StepResult({}, {})
+
+        tokens: list[int] = []
+        positions: list[int] = []
+        seq_ids: list[int] = []
+        sample_at: list[tuple[str, int]] = []  # (request_id, batch index whose logits we sample)
+        for chunk in plan.chunks:
+            n = len(chunk.token_ids)
+            tokens += chunk.token_ids
+            positions += range(chunk.start_pos, chunk.start_pos + n)
+            seq_ids += [chunk.seq_id] * n
+            if chunk.needs_logits:
+                sample_at.append((chunk.request.request_id, len(tokens) - 1))
+        n_tokens = len(tokens)
+        # More than n_batch tokens, or sampling where no logits were asked for, aborts the whole process.
+        if n_tokens > self.n_batch:
+            raise RuntimeError(f"plan has {n_tokens} tokens, more than n_batch={self.n_batch}")
+        self._token[:n_tokens] = tokens
+        self._pos[:n_tokens] = positions
+        self._seq_id[:n_tokens] = seq_ids
+        self._logits[:n_tokens] = 0
+        for _, index in sample_at:
+            self._logits[index] = 1
+        self._batch.n_tokens = n_tokens
+
+        status = llama_cpp.llama_decode(self.ctx, self._batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, SampledLogprobs] = {}
+        for request_id, index in sample_at:
+            sampler = self.samplers[request_id]
+            if sampler.logprobs is not None:
+                # logits: [n_vocab] for this batch index; read before sampling, from the raw distribution.
+                raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index), (self.model.n_vocab,))
+                token = llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, index)
+                logprobs[request_id] = _logprobs(raw, token, sampler.logprobs)
+            else:
+                token = llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, index)
+            sampled[request_id] = token
+        return StepResult(sampled, logprobs)
+
+
+def _logprobs(logits: np.ndarray, token_id: int, k: int) -> SampledLogprobs:
+    shifted = logits.astype(np.float64) - logits.max()
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        idx = np.argpartition(log_probs, -k)[-k:]
+        idx = idx[np.argsort(log_probs[idx])[::-1]]
+        top = tuple((int(i), float(log_probs[i])) for i in idx)
+    return SampledLogprobs(token_id=token_id, logprob=float(log_probs[token_id]), top=top)

@@ -1,0 +1,244 @@
+"""Scheduling policy: which tokens of which requests go into the next forward pass.
+
+Pure bookkeeping, no llama.cpp: testable with hand-written sampled tokens.
+
+The KV cache is split into `num_slots` sequences (llama.cpp seq ids) of `slot_capacity` cells each.
+Every step, each running request is granted tokens so that `num_computed_tokens` catches up with
+`num_tokens`: decoding requests get one token, prefilling ones a chunk of their prompt from what is left
+of the step's token budget, oldest first. A slot keeps the KV of its last request when that request ends,
+so a later prompt that starts the same way (a system prompt, a chat history) reuses it, either in place or
+by copying it from another slot: that is the prefix cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from qanat.engine.types import FinishReason, Request, RequestState
+
+# A prefix copy moves a whole sequence's KV buffer; below this many shared tokens recomputing is cheaper.
+MIN_PREFIX_COPY_TOKENS = 16
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    token_ids: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, from pos 0
+    request: Request | None = None
+    last_used: int = 0  # step counter, for least-recently-used eviction of a free slot's cached prefix
+
+
+@dataclass(frozen=True)
+class CacheOp:
+    """Prepare a sequence before the batch: optionally copy another sequence's KV, then keep `keep` tokens."""
+
+    seq_id: int
+    keep: int
+    copy_from: int | None = None
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request: Request
+    seq_id: int
+    start_pos: int  # position of token_ids[0]; equals the request's num_computed_tokens
+    token_ids: list[int]
+    needs_logits: bool  # the chunk reaches the request's last token: sample its next one
+
+
+@dataclass(frozen=True)
+class SchedulerPlan:
+    cache_ops: list[CacheOp]  # applied in order, before the batch
+    chunks: list[ScheduledChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks and not self.cache_ops
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request: Request
+    new_token_id: int | None  # None when the step only advanced the prompt
+    finished: bool
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, slot_capacity: int, max_batch_tokens: int) -> None:
+        if max_batch_tokens < num_slots:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= num_slots ({num_slots})")
+        self.slot_capacity = slot_capacity
+        self.max_batch_tokens = max_batch_tokens
+        self.slots = [Slot(seq_id=i) for i in range(num_slots)]
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._pending_ops: list[CacheOp] = []
+        self._step = itertools.count(1)
+
+    # -- intake --------------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request; the engine has already checked its size and the queue's bound."""
+        assert request.num_prompt_tokens + request.max_tokens <= self.slot_capacity
+        self.waiting.append(request)
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """End a request now (stop string, cancel, error) and free its slot at once."""
+        if request.is_finished:
+            return
+        if request.state is RequestState.WAITING:
+            self.waiting.remove(request)
+        else:
+            self.running.remove(request)
+            slot = self.slots[request.slot]  # type: ignore[index]
+            slot.request = None
+            if reason is FinishReason.ERROR:  # the sequence's KV may be half-written: drop it
+                slot.token_ids = []
+                self._pending_ops.append(CacheOp(slot.seq_id, keep=0))
+        request.state = RequestState.FINISHED
+        request.finish_reason = reason
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_ops)
+
+    @property
+    def num_free_slots(self) -> int:
+        return sum(slot.request is None for slot in self.slots)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV cells held by running requests (cached prefixes of free slots not counted)."""
+        used = sum(len(s.token_ids) for s in self.slots if s.request is not None)
+        return used / (self.slot_capacity * len(self.slots))
+
+    # -- policy --------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerPlan:
+        step = next(self._step)
+        ops, self._pending_ops = self._pending_ops, []
+        chunks: list[ScheduledChunk] = []
+        budget = self.max_batch_tokens
+
+        # Decodes first, one token each, so running streams keep their pace; then prompt chunks, oldest first.
+        for request in self.running:
+            if request.state is RequestState.DECODING:
+                chunks.append(self._chunk(request, 1))
+                budget -= 1
+        for request in self.running:
+            if request.state is RequestState.PREFILLING and budget > 0:
+                n = min(request.num_tokens - request.num_computed_tokens, budget)
+                chunks.append(self._chunk(request, n))
+                budget -= n
+
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and self.num_free_slots > 0:
+            request = self.waiting.popleft()
+            op = self._admit(request, step)
+            if op is None:
+                deferred.append(request)
+                continue
+            ops.append(op)
+            n = min(request.num_prompt_tokens - request.num_computed_tokens, budget)
+            chunks.append(self._chunk(request, n))
+            budget -= n
+        self.waiting.extendleft(reversed(deferred))
+
+        for chunk in chunks:
+            self.slots[chunk.seq_id].last_used = step
+        return SchedulerPlan(cache_ops=ops, chunks=chunks)
+
+    def _chunk(self, request: Request, n: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return ScheduledChunk(
+            request=request,
+            seq_id=request.slot,  # type: ignore[arg-type]
+            start_pos=start,
+            token_ids=request.all_token_ids[start : start + n],
+            needs_logits=start + n == request.num_tokens,
+        )
+
+    def _admit(self, request: Request, step: int) -> CacheOp | None:
+        """Give `request` a free slot, reusing the longest computed prefix of its prompt found in any slot.
+
+        Returns None (stay waiting) when a running request is still computing a prefix this prompt shares:
+        waiting for it, then copying, beats computing the same tokens twice (n > 1, shared system prompts).
+        """
+        prompt = request.prompt_ids
+        max_reuse = len(prompt) - 1  # at least one prompt token must run, to produce logits
+
+        def reusable(slot: Slot) -> int:
+            return min(common_prefix_len(prompt, slot.token_ids), max_reuse)
+
+        free = [s for s in self.slots if s.request is None]
+        dst = max(free, key=lambda s: (reusable(s), -s.last_used))
+        keep = reusable(dst)
+        src = max(self.slots, key=reusable)
+        copy_from = None
+        if src is not dst and reusable(src) >= keep + MIN_PREFIX_COPY_TOKENS:
+            copy_from, keep = src.seq_id, reusable(src)
+
+        for other in self.running:
+            if other.state is RequestState.PREFILLING:
+                pending = min(common_prefix_len(prompt, other.prompt_ids), max_reuse)
+                if pending >= keep + MIN_PREFIX_COPY_TOKENS:
+                    return None
+
+        dst.request = request
+        dst.token_ids = prompt[:keep]
+        dst.last_used = step
+        request.slot = dst.seq_id
+        request.num_computed_tokens = keep
+        request.num_cached_tokens = keep
+        request.state = RequestState.PREFILLING
+        request.scheduled_s = time.monotonic()
+        self.running.append(request)
+        return CacheOp(dst.seq_id, keep=keep, copy_from=copy_from)
+
+    # -- results -------------------------------------------------------------------------------------
+
+    def update(self, plan: SchedulerPlan, sampled: dict[str, int]) -> list[StepOutput]:
+        """Record what the step computed and sampled; finish requests on stop tokens and length."""
+        outputs: list[StepOutput] = []
+        for chunk in plan.chunks:
+            request = chunk.request
+            if request.is_finished:  # cancelled while the step ran
+                continue
+            request.num_computed_tokens += len(chunk.token_ids)
+            self.slots[chunk.seq_id].token_ids.extend(chunk.token_ids)
+            if not chunk.needs_logits:
+                outputs.append(StepOutput(request, None, False))
+                continue
+            token = sampled[request.request_id]
+            request.output_ids.append(token)
+            request.state = RequestState.DECODING
+            reason = self._finish_reason(request, token)
+            if reason is not None:
+                self.finish(request, reason)
+            outputs.append(StepOutput(request, token, reason is not None))
+        return outputs
+
+    @staticmethod
+    def _finish_reason(request: Request, token: int) -> FinishReason | None:
+        if token in request.params.stop_token_ids:
+            return FinishReason.STOP
+        if token in request.eog_ids and not request.params.ignore_eos:
+            return FinishReason.STOP
+        if len(request.output_ids) >= request.max_tokens:
+            return FinishReason.LENGTH
+        return None
