@@ -40,10 +40,12 @@ class IncrementalDetokenizer:
         return self._emit(len(self.text) - self._held_back())
 
     def flush(self) -> str:
-        """At the end of generation: whatever was held back (no stop string completed)."""
+        """At the end of generation: whatever was held back (no stop string completed).
+
+        Bytes of a character cut off by max_tokens are dropped, not turned into U+FFFD.
+        """
         if self.stopped:
             return ""
-        self.text += self._decoder.decode(b"", final=True)
         return self._emit(len(self.text))
 
     def _held_back(self) -> int:

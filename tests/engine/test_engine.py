@@ -1,0 +1,229 @@
+"""The engine with the real SmolLM2 model and the real llama.cpp."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qanat.config import EngineConfig
+from qanat.engine.engine import Engine
+from qanat.engine.types import FinishReason, InvalidRequestError, QueueFullError, SamplingParams
+from tests.helpers import chat_ids, collect, run
+
+GREEDY = SamplingParams(temperature=0, max_tokens=48)
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is the capital of France?",
+    "Explain photosynthesis in one paragraph.",
+    "Give three tips for learning Python.",
+    "Describe a cat to someone who has never seen one.",
+    "What is 12 times 7?",
+    "Tell me a fun fact about Morocco.",
+    "How do airplanes fly?",
+]
+# Measured: greedy outputs of these 8 prompts batched together equal their single-stream outputs on all
+# 64 tokens we compared (one KV stream per sequence keeps each row's arithmetic the same). We assert 32.
+AGREEMENT_TOKENS = 32
+# A prefix-cache hit computes the rest of the prompt in a smaller chunk than a cold run does, and llama.cpp's
+# CPU kernels are not bit-identical across batch sizes. Measured without any cache, the same prompt run with
+# --batch 512, 64 and 16 gives first-token log-probabilities up to 0.16 nats apart, with the top two swapping
+# places. So a hit is checked against a cold run by its next-token distribution, within that noise: wrong
+# KV (another sequence's cells, shifted positions) moves it by whole nats.
+LOGPROB_TOLERANCE = 0.25
+
+
+def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=AGREEMENT_TOKENS)
+    ids = [chat_ids(engine, p) for p in PROMPTS]
+    alone = [tokens_of(run(collect(engine, i, params))) for i in ids]
+
+    async def batched() -> list[list[int]]:
+        results = await asyncio.gather(*(collect(engine, i, params) for i in ids))
+        return [tokens_of(r) for r in results]
+
+    together = run(batched())
+    for prompt, a, b in zip(PROMPTS, alone, together, strict=True):
+        assert a == b, f"batched output drifted for {prompt!r}"
+    texts = [engine.model.detokenize(t) for t in together]
+    # Each answer is on its own prompt's topic: no sequence got another's KV.
+    topics = [("sea", "ocean", "wave"), ("france", "marseill", "paris"), ("photosynthesis",), ("python",),
+              ("cat",), ("12",), ("morocco",), ("airplane", "fly", "wing")]
+    for text, words in zip(texts, topics, strict=True):
+        assert any(w in text.lower() for w in words), text
+    for text in texts:  # fluent English, not a mixed-up sequence's byte soup
+        words = text.split()
+        assert len(words) >= 3 and sum(w.isascii() for w in words) / len(words) > 0.8
+
+
+def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
+    ids = chat_ids(engine, "Invent a name for a new color and describe it.")
+
+    def sample(seed: int) -> str:
+        return text_of(run(collect(engine, ids, SamplingParams(temperature=1.0, seed=seed, max_tokens=40))))
+
+    first, again, other = sample(42), sample(42), sample(7)
+    assert first == again
+    assert first != other
+
+
+def test_max_tokens_and_ignore_eos(engine: Engine) -> None:
+    ids = chat_ids(engine, "What is 12 times 7?")
+    short = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=3)))
+    assert short[-1].finish_reason is FinishReason.LENGTH and short[-1].num_output_tokens == 3
+
+    natural = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=200)))
+    assert natural[-1].finish_reason is FinishReason.STOP
+    assert natural[-1].num_output_tokens < 200
+
+    forced = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)))
+    assert forced[-1].finish_reason is FinishReason.LENGTH and forced[-1].num_output_tokens == 120
+    assert not engine.model.eog_ids & set(tokens_of(forced))
+
+
+def test_stop_string_split_across_tokens_is_never_emitted(engine: Engine) -> None:
+    ids = chat_ids(engine, "Write a short poem about the sea.")
+    full = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=40)))
+    pieces = [engine.model.token_bytes(t).decode("utf-8", "replace") for t in tokens_of(full)]
+    k = next(i for i in range(5, len(pieces) - 1) if len(pieces[i].strip()) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[k][-2:] + pieces[k + 1][:2]  # straddles the boundary between tokens k and k+1
+    full_text = text_of(full)
+    expected = full_text[: full_text.index(stop)]
+
+    streamed = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=40, stop=(stop, "never-there"))))
+    assert text_of(streamed) == expected
+    assert all(stop not in d.text for d in streamed)
+    assert streamed[-1].finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["اكتب جملة قصيرة عن مدينة مراكش.", "Décris Paris en une phrase, s'il te plaît.", "Traduis en français : The coffee at the café is very hot."],
+)
+def test_multilingual_stream_is_valid_utf8(engine: Engine, prompt: str) -> None:
+    deltas = run(collect(engine, chat_ids(engine, prompt), SamplingParams(temperature=0, max_tokens=60)))
+    streamed = text_of(deltas)
+    # The whole text of the same tokens, decoded at once (a character cut off by max_tokens is dropped).
+    whole = b"".join(engine.model.token_bytes(t) for t in tokens_of(deltas)).decode("utf-8", errors="ignore")
+    assert streamed == whole
+    assert "\ufffd" not in streamed
+    assert all(d.text.encode("utf-8").decode("utf-8") == d.text for d in deltas)
+    assert any(ord(ch) > 127 for ch in streamed)  # the model answered with non-ASCII text
+
+
+def assert_same_continuation(warm, cold) -> None:  # type: ignore[no-untyped-def]
+    warm_top, cold_top = dict(warm[0].logprobs.top), dict(cold[0].logprobs.top)
+    shared = warm_top.keys() & cold_top.keys()
+    assert len(shared) >= 4, (warm_top, cold_top)  # near-ties may swap in and out of the top 5
+    assert all(abs(warm_top[t] - cold_top[t]) < LOGPROB_TOLERANCE for t in shared), (warm_top, cold_top)
+
+
+def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(engine: Engine) -> None:
+    system = (
+        "You are Qanat's test assistant. You answer briefly, in plain English, without lists. "
+        "You know geography, cooking, and the history of irrigation in North Africa, including the "
+        "qanats and khettaras that carry water underground from the mountains to oases and fields. "
+        "When a question is unclear, you say so. You never invent facts about places."
+    )
+    n_system = len(engine.chat_prompt_ids([{"role": "system", "content": system}])) - 2
+    greedy = SamplingParams(temperature=0, max_tokens=48, logprobs=5)
+    first = run(collect(engine, chat_ids(engine, "What is a khettara?", system), greedy))
+    assert first[-1].num_cached_tokens < n_system  # this system prompt was never seen before
+    question = chat_ids(engine, "Name a city in Morocco.", system)
+    warm = run(collect(engine, question, greedy))
+    assert warm[-1].num_cached_tokens >= n_system
+
+    # Overwrite every slot with unrelated prompts, so the same question then runs cold.
+    fillers = [chat_ids(engine, f"Count from {i} to {i + 3}.") for i in range(engine.config.parallel)]
+
+    async def fill() -> None:
+        await asyncio.gather(*(collect(engine, f, SamplingParams(temperature=0, max_tokens=4)) for f in fillers))
+
+    run(fill())
+    cold = run(collect(engine, question, greedy))
+    assert cold[-1].num_cached_tokens < n_system
+    assert_same_continuation(warm, cold)
+
+    async def concurrent() -> list[list]:  # type: ignore[type-arg]
+        return await asyncio.gather(*(collect(engine, question + [], greedy) for _ in range(3)))
+
+    copies = run(concurrent())
+    for c in copies:
+        assert_same_continuation(c, cold)
+    assert all(c[-1].num_cached_tokens >= n_system for c in copies)
+
+
+def test_too_long_prompt_is_refused_and_engine_keeps_serving(engine: Engine) -> None:
+    long_prompt = engine.tokenize("water flows under the desert " * 300)
+    with pytest.raises(InvalidRequestError, match=rf"{len(long_prompt)} tokens.*{engine.context_len}"):
+        run(collect(engine, long_prompt, GREEDY))
+    ids = chat_ids(engine, "What is 12 times 7?")
+    with pytest.raises(InvalidRequestError, match=r"max_tokens \(2000\)") as info:
+        run(collect(engine, ids, SamplingParams(max_tokens=2000)))
+    assert info.value.param == "max_tokens"
+    assert text_of(run(collect(engine, ids, GREEDY)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+     ({"presence_penalty": 3}, "presence_penalty"), ({"stop": ("",)}, "stop"), ({"logprobs": 50}, "logprobs")],
+)
+def test_invalid_sampling_values_are_named(kwargs: dict, param: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(InvalidRequestError, match=param) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == param
+
+
+def test_bad_grammar_and_logit_bias_fail_only_that_request(engine: Engine) -> None:
+    ids = chat_ids(engine, "Say hi.")
+    with pytest.raises(InvalidRequestError, match="grammar"):
+        run(collect(engine, ids, SamplingParams(grammar="root ::= (")))
+    with pytest.raises(InvalidRequestError, match="logit_bias"):
+        run(collect(engine, ids, SamplingParams(logit_bias=((10**7, 1.0),))))
+    assert text_of(run(collect(engine, ids, GREEDY)))
+
+
+def test_grammar_constrains_output(engine: Engine) -> None:
+    ids = chat_ids(engine, "Is the sea salty? Answer yes or no.")
+    out = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=10, grammar='root ::= "yes" | "no"')))
+    assert text_of(out) in {"yes", "no"}
+
+
+def test_logprobs_are_log_probabilities(engine: Engine) -> None:
+    out = run(collect(engine, chat_ids(engine, "Say hi."), SamplingParams(temperature=0, max_tokens=5, logprobs=3)))
+    for d in out:
+        lp = d.logprobs
+        assert lp is not None and lp.token_id == d.token_ids[-1] and lp.logprob <= 0
+        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+        assert [p for _, p in lp.top] == sorted((p for _, p in lp.top), reverse=True)
+
+
+def test_cancel_frees_capacity_for_a_queued_request() -> None:
+    small = Engine(EngineConfig(ctx=512, parallel=1, threads=2, max_waiting=1))
+    try:
+        ids = small.chat_prompt_ids([{"role": "user", "content": "Tell me a long story."}])
+        endless = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+
+        async def scenario() -> tuple[int, list]:  # type: ignore[type-arg]
+            first = small.generate(ids, endless)
+            got = 0
+            async for _ in first:
+                got += 1
+                if got == 3:
+                    break
+            queued = asyncio.create_task(collect(small, ids, SamplingParams(temperature=0, max_tokens=5)))
+            await asyncio.sleep(0.3)
+            assert not queued.done()  # waiting behind the running request
+            with pytest.raises(QueueFullError):  # 1 running + 1 waiting is the bound
+                await collect(small, ids, GREEDY)
+            await first.aclose()  # the caller goes away: its slot is freed at once
+            return got, await asyncio.wait_for(queued, timeout=30)
+
+        got, second = run(scenario())
+        assert got == 3
+        assert second[-1].finish_reason is FinishReason.LENGTH and second[-1].num_output_tokens == 5
+        assert small.stats().num_running == 0 and small.stats().num_waiting == 0
+    finally:
+        small.shutdown()

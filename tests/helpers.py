@@ -1,0 +1,25 @@
+"""Helpers for driving the real engine from synchronous tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from qanat.engine.engine import Engine
+from qanat.engine.types import Delta, SamplingParams
+
+T = TypeVar("T")
+
+
+async def collect(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
+    return [d async for d in engine.generate(prompt_ids, params)]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def chat_ids(engine: Engine, user: str, system: str | None = None) -> list[int]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return engine.chat_prompt_ids(messages + [{"role": "user", "content": user}])
