@@ -23,3 +23,11 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def chat_ids(engine: Engine, user: str, system: str | None = None) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
     return engine.chat_prompt_ids(messages + [{"role": "user", "content": user}])
+
+
+def tokens_of(deltas: list[Delta]) -> list[int]:
+    return [t for d in deltas for t in d.token_ids]
+
+
+def text_of(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)

@@ -9,7 +9,7 @@ import pytest
 from qanat.config import EngineConfig
 from qanat.engine.engine import Engine
 from qanat.engine.types import FinishReason, InvalidRequestError, QueueFullError, SamplingParams
-from tests.helpers import chat_ids, collect, run
+from tests.helpers import chat_ids, collect, run, text_of, tokens_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48)
 
@@ -99,7 +99,11 @@ def test_stop_string_split_across_tokens_is_never_emitted(engine: Engine) -> Non
 
 @pytest.mark.parametrize(
     "prompt",
-    ["اكتب جملة قصيرة عن مدينة مراكش.", "Décris Paris en une phrase, s'il te plaît.", "Traduis en français : The coffee at the café is very hot."],
+    [
+        "اكتب جملة قصيرة عن مدينة مراكش.",
+        "Décris Paris en une phrase, s'il te plaît.",
+        "Traduis en français : The coffee at the café is very hot.",
+    ],
 )
 def test_multilingual_stream_is_valid_utf8(engine: Engine, prompt: str) -> None:
     deltas = run(collect(engine, chat_ids(engine, prompt), SamplingParams(temperature=0, max_tokens=60)))
