@@ -1,0 +1,50 @@
+"""Prometheus metrics, named after vLLM's where one exists. One registry per app, so tests can run several."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from qanat.engine.engine import Engine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
+
+
+class _EngineCollector(Collector):
+    """Reads the engine's live state at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        yield GaugeMetricFamily("qanat_num_requests_running", "Requests holding a KV slot", stats.num_running)
+        yield GaugeMetricFamily("qanat_num_requests_waiting", "Requests queued for a slot", stats.num_waiting)
+        yield GaugeMetricFamily("qanat_kv_cache_usage_ratio", "Fraction of KV cells held by running requests",
+                                stats.kv_usage)
+        yield CounterMetricFamily("qanat_prefix_cache_hit_tokens", "Prompt tokens reused from the prefix cache",
+                                  stats.prefix_cache_hit_tokens)
+        yield CounterMetricFamily("qanat_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                  stats.prompt_tokens)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine))
+        r = self.registry
+        self.requests = Counter("qanat_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.ttft = Histogram("qanat_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.itl = Histogram("qanat_inter_token_latency_seconds", "Time between output tokens",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("qanat_e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("qanat_request_queue_time_seconds", "Time waiting for a KV slot",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("qanat_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("qanat_generation_tokens", "Tokens generated", registry=r)

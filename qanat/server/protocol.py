@@ -1,0 +1,138 @@
+"""OpenAI protocol: request bodies (validated by pydantic) and their translation to engine types."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from qanat.engine.types import InvalidRequestError, SamplingParams
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: StrictStr = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _CommonRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    model: StrictStr
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    logit_bias: dict[StrictStr, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: StrictStr | None = None
+    # Extensions, as in vLLM and llama.cpp's server.
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    ignore_eos: bool = False
+
+    def _sampling(self, max_tokens: int | None, logprobs: int | None, grammar: str | None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        bias: list[tuple[int, float]] = []
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            bias.append((int(key), value))
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=tuple(s for s in stop if s),
+            ignore_eos=self.ignore_eos,
+            logit_bias=tuple(bias),
+            logprobs=logprobs,
+            grammar=grammar,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_CommonRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling(self.max_completion_tokens or self.max_tokens, logprobs, self._grammar())
+
+    def _grammar(self) -> str | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return JSON_GBNF
+        if fmt.json_schema is None:
+            raise InvalidRequestError("response_format json_schema needs a 'json_schema' object",
+                                      param="response_format")
+        try:
+            return json_schema_to_gbnf(json.dumps(fmt.json_schema.schema_))
+        except Exception as e:  # the converter raises assorted errors on schemas it cannot express
+            raise InvalidRequestError(f"unsupported JSON schema: {e}", param="response_format") from e
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        # "developer" is OpenAI's newer name for "system"; templates only know the latter.
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
+        ]
+
+
+class CompletionRequest(_CommonRequest):
+    prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[
+        list[StrictStr], Field(min_length=1, max_length=64)
+    ]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool = False
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+
+    def sampling_params(self) -> SamplingParams:
+        return self._sampling(self.max_tokens, self.logprobs, None)
