@@ -76,7 +76,7 @@ def _jobs(prompts: list[list[int]], params: SamplingParams, n: int) -> list[Job]
     jobs = []
     for ids in prompts:
         for i in range(n):
-            seeded = params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            seeded = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
             jobs.append((ids, seeded))
     return jobs
 

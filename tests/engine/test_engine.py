@@ -231,3 +231,11 @@ def test_cancel_frees_capacity_for_a_queued_request() -> None:
         assert small.stats().num_running == 0 and small.stats().num_waiting == 0
     finally:
         small.shutdown()
+
+
+def test_penalties_change_the_output(engine: Engine) -> None:  # regression: penalties once crashed the request
+    ids = engine.tokenize("water water water water water water")
+    plain = text_of(run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=20))))
+    penalized = text_of(run(collect(engine, ids, SamplingParams(
+        temperature=0, max_tokens=20, repetition_penalty=1.5, frequency_penalty=1.0, presence_penalty=1.0))))
+    assert plain.count("water") > penalized.count("water")
