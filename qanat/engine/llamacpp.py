@@ -141,7 +141,8 @@ class RequestSampler:
             self._add(grammar)
         if (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0):
             self._add(llama_cpp.llama_sampler_init_penalties(
-                model.n_vocab, penalty_window, params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+                model.n_vocab, penalty_window,
+                params.repetition_penalty, params.frequency_penalty, params.presence_penalty,
             ))
         if params.is_greedy:
             self._add(llama_cpp.llama_sampler_init_greedy())

