@@ -1,0 +1,204 @@
+"""Engine benchmark: aggregate generated tokens/s and TTFT at several concurrencies, in-process.
+
+Targets, all on the same model, threads and token-id prompts (see workload.py):
+  qanat     our engine (continuous batching), driven in-process through `Engine.generate`
+  llama     `llama_cpp.Llama`, the same requests one after another (it serves one at a time)
+  server    llama.cpp's C++ `llama-server` over HTTP, when --llama-server-url points at one
+
+    .venv/bin/python bench/engine_throughput.py [--llama-server-url http://127.0.0.1:8081] [--quick]
+
+Prints Markdown tables for docs/benchmarks.md and writes bench/results/engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workload import distinct_prompts, shared_prefix_prompts  # noqa: E402
+from qanat.bench.loadgen import RequestRecord, run_closed_loop  # noqa: E402
+from qanat.config import EngineConfig  # noqa: E402
+from qanat.engine.engine import Engine  # noqa: E402
+from qanat.engine.types import SamplingParams  # noqa: E402
+from qanat.models.locate import default_model_path  # noqa: E402
+
+NEW_TOKENS = 128
+THREADS = 2
+
+
+def num_requests(concurrency: int) -> int:
+    return min(max(2 * concurrency, 4), 32)
+
+
+def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
+    decode = [r.decode_tokens_per_s for r in ok if r.decode_tokens_per_s]
+    return {
+        "requests": len(records),
+        "errors": len(records) - len(ok),
+        "output_tokens": sum(r.output_tokens for r in ok),
+        "tokens_per_s": sum(r.output_tokens for r in ok) / wall_s,
+        "ttft_median_s": statistics.median(ttfts) if ttfts else None,
+        "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None,
+        "decode_tokens_per_s_median": statistics.median(decode) if decode else None,
+        "wall_s": wall_s,
+    }
+
+
+class DecodeTimer:
+    """Wraps llama_decode to split each engine step into time inside llama_decode and time outside it."""
+
+    def __init__(self) -> None:
+        self.decode_s = 0.0
+        self.original = llama_cpp.llama_decode
+
+    def __call__(self, ctx: Any, batch: Any) -> int:
+        start = time.perf_counter()
+        try:
+            return self.original(ctx, batch)
+        finally:
+            self.decode_s += time.perf_counter() - start
+
+
+def bench_qanat(prompts: list[list[int]], concurrency: int, engine: Engine) -> dict[str, Any]:
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    timer = DecodeTimer()
+    llama_cpp.llama_decode = timer
+    step_s = 0.0
+    original_step = engine.step
+
+    def timed_step() -> None:
+        nonlocal step_s
+        start = time.perf_counter()
+        original_step()
+        step_s += time.perf_counter() - start
+
+    engine.step = timed_step  # type: ignore[method-assign]
+
+    async def one(ids: list[int]) -> RequestRecord:
+        record = RequestRecord()
+        start = time.perf_counter()
+        async for delta in engine.generate(ids, params):
+            if record.ttft_s is None:
+                record.ttft_s = time.perf_counter() - start
+            record.output_tokens = delta.num_output_tokens
+        record.e2e_s = time.perf_counter() - start
+        record.ok = True
+        return record
+
+    async def closed_loop() -> tuple[list[RequestRecord], float]:
+        pending = list(prompts)
+        records: list[RequestRecord] = []
+
+        async def worker() -> None:
+            while pending:
+                records.append(await one(pending.pop(0)))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return records, time.perf_counter() - start
+
+    try:
+        records, wall = asyncio.run(closed_loop())
+    finally:
+        llama_cpp.llama_decode = timer.original
+        engine.step = original_step  # type: ignore[method-assign]
+    result = summarize(records, wall)
+    result["python_share_of_step"] = 1 - timer.decode_s / step_s if step_s else None
+    return result
+
+
+def bench_llama_sequential(prompts: list[list[int]], llm: llama_cpp.Llama) -> dict[str, Any]:
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    eog = {t: -float("inf") for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+    records = []
+    start_all = time.perf_counter()
+    for ids in prompts:
+        record = RequestRecord()
+        start = time.perf_counter()
+        for chunk in llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0, stream=True, logit_bias=eog):
+            if record.ttft_s is None:
+                record.ttft_s = time.perf_counter() - start
+            record.output_tokens += 1  # one chunk per token
+            del chunk
+        record.e2e_s = time.perf_counter() - start
+        record.ok = True
+        records.append(record)
+    return summarize(records, time.perf_counter() - start_all)
+
+
+def bench_llama_server(url: str, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
+    bodies = [{"prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+               "cache_prompt": True, "stream_options": {"include_usage": True}} for ids in prompts]
+    records, wall = asyncio.run(run_closed_loop(f"{url}/v1/completions", bodies, concurrency))
+    return summarize(records, wall)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--llama-server-url", default=None)
+    parser.add_argument("--concurrency", default="1,4,16,32")
+    parser.add_argument("--parallel", type=int, default=16)
+    args = parser.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    engine = Engine(EngineConfig(ctx=1024, parallel=args.parallel, threads=THREADS))
+    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=1024, n_threads=THREADS, n_batch=512, verbose=False)
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "llama_cpp_python": llama_cpp.__version__,
+                               "runs": []}
+    for workload, make in (("distinct", distinct_prompts), ("shared-prefix", shared_prefix_prompts)):
+        for c in concurrencies:
+            prompts = make(engine.model, num_requests(c), seed=c)
+            row: dict[str, Any] = {"workload": workload, "concurrency": c,
+                                   "qanat": bench_qanat(prompts, c, engine)}
+            if c == 1:
+                row["llama_sequential"] = bench_llama_sequential(prompts, llm)
+            if args.llama_server_url:
+                row["llama_server"] = bench_llama_server(args.llama_server_url, prompts, c)
+            results["runs"].append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "engine.json").write_text(json.dumps(results, indent=2))
+
+    print("| workload | concurrency | qanat tok/s | llama-server tok/s | ratio | qanat TTFT p50 (s) | "
+          "llama-server TTFT p50 (s) | Python share of a qanat step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in results["runs"]:
+        q, s = row["qanat"], row.get("llama_server")
+        ratio = q["tokens_per_s"] / s["tokens_per_s"] if s else None
+        print(f"| {row['workload']} | {row['concurrency']} | {fmt(q['tokens_per_s'])} | "
+              f"{fmt(s and s['tokens_per_s'])} | {fmt(ratio, 2)} | {fmt(q['ttft_median_s'], 2)} | "
+              f"{fmt(s and s['ttft_median_s'], 2)} | {fmt(100 * q['python_share_of_step'])} % |")
+    print()
+    print("| single stream (concurrency 1) | qanat | llama_cpp.Llama, one after another | ratio |")
+    print("|---|---|---|---|")
+    for row in results["runs"]:
+        if "llama_sequential" in row:
+            q, a = row["qanat"], row["llama_sequential"]
+            print(f"| {row['workload']}: decode tok/s | {fmt(q['decode_tokens_per_s_median'])} | "
+                  f"{fmt(a['decode_tokens_per_s_median'])} | "
+                  f"{fmt(q['decode_tokens_per_s_median'] / a['decode_tokens_per_s_median'], 2)} |")
+            print(f"| {row['workload']}: aggregate tok/s | {fmt(q['tokens_per_s'])} | {fmt(a['tokens_per_s'])} | "
+                  f"{fmt(q['tokens_per_s'] / a['tokens_per_s'], 2)} |")
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
