@@ -66,7 +66,8 @@ def main() -> int:
     for row in rows:
         cells = [f"{fmt(row[n]['tokens_per_s'])} | {fmt(row[n]['ttft_median_s'], 2)}" for n in names]
         errors = sum(row[n]["errors"] for n in names)
-        print(f"| {row['concurrency']}{' (errors: ' + str(errors) + ')' if errors else ''} | " + " | ".join(cells) + " |")
+        label = f"{row['concurrency']} (errors: {errors})" if errors else str(row["concurrency"])
+        print(f"| {label} | " + " | ".join(cells) + " |")
     return 0
 
 
