@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 from qanat.config import ConfigError, EngineConfig, ServerConfig
+from qanat.energy.carbon import CarbonModel
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -19,12 +21,17 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch_tokens, help="max tokens per forward pass")
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
                         help="requests queued beyond the parallel slots before answering 429")
+    parser.add_argument("--energy-meter", default=defaults.energy_meter, choices=["auto", "nvml", "rapl", "estimate"],
+                        help="where per-request joules come from (auto: NVML, then RAPL, then a CPU-time estimate)")
+    parser.add_argument("--cpu-tdp-w", type=float, default=None,
+                        help="CPU package TDP in watts for the estimate (default: from a built-in table)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, ctx=args.ctx, parallel=args.parallel, threads=args.threads,
-        batch_tokens=args.batch, max_waiting=args.max_waiting,
+        batch_tokens=args.batch, max_waiting=args.max_waiting, energy_meter=args.energy_meter,
+        cpu_tdp_w=args.cpu_tdp_w,
     )
 
 
@@ -56,9 +63,71 @@ def _serve(args: argparse.Namespace) -> int:
 
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("QANAT_API_KEYS", "").split(",") if k.strip()]
+    carbon = CarbonModel.for_grid(args.grid, pue=args.pue, intensity_g_per_kwh=args.grid_intensity)
     server_config = ServerConfig(host=args.host, port=args.port, api_keys=tuple(keys),
-                                 drain_timeout_s=args.drain_timeout)
+                                 drain_timeout_s=args.drain_timeout, carbon=carbon)
     return serve(_engine_config(args), server_config)
+
+
+def _energy(args: argparse.Namespace) -> int:
+    import time
+
+    from qanat.energy.meters import CpuTimeEstimateMeter, open_meter, probe_meters
+
+    for probe in probe_meters():
+        print(f"{probe.name:9} {probe.source:20} {'readable' if probe.readable else 'not readable':13} {probe.detail}")
+    meter = open_meter("auto", args.cpu_tdp_w)
+    start_j, start_s = meter.read_joules(), time.monotonic()
+    time.sleep(args.interval)
+    power_w = (meter.read_joules() - start_j) / (time.monotonic() - start_s)
+    line = f"in use: {meter.source}; power now {power_w:.2f} W"
+    if isinstance(meter, CpuTimeEstimateMeter):
+        line += f" (this process's busy power; idle {meter.idle_w:.1f} W is reported apart, charged to no request)"
+    print(line)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from qanat.bench.metrics import Slo
+    from qanat.bench.report import compare_markdown, summary_markdown, write_result
+    from qanat.bench.runner import BenchConfig, BenchError, run_bench
+    from qanat.bench.workload import WorkloadSpec
+
+    if args.action:
+        if args.action[0] != "compare" or len(args.action) < 3:
+            print("usage: qanat bench compare A/result.json B/result.json [...]", file=sys.stderr)
+            return 2
+        try:
+            print(compare_markdown([Path(p) for p in args.action[1:]]), end="")
+        except ValueError as e:
+            print(f"qanat bench: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.url:
+        print("qanat bench: --url is required (an OpenAI-compatible base URL)", file=sys.stderr)
+        return 2
+    try:
+        config = BenchConfig(
+            url=args.url, model=args.model, api_key=args.api_key, endpoint=args.endpoint,
+            concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (),
+            rate=tuple(float(r) for r in args.rate.split(",")) if args.rate else (),
+            duration_s=args.duration, ignore_eos=not args.no_ignore_eos, tokenizer=args.tokenizer,
+            slo=Slo.parse(args.slo) if args.slo else None, timeout_s=args.timeout,
+            workload=WorkloadSpec(
+                num_requests=args.num_requests, input_tokens=args.input_tokens, output_tokens=args.output_tokens,
+                shared_prefix_tokens=args.shared_prefix, dataset=args.dataset, seed=args.seed,
+            ),
+        )
+        result = run_bench(config, show_progress=not args.quiet)
+    except (ValueError, BenchError, FileNotFoundError) as e:
+        print(f"qanat bench: {e}", file=sys.stderr)
+        return 2
+    print(summary_markdown(result), end="")
+    if args.out:
+        for path in write_result(result, Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
+    failed = sum(run["aggregate"]["failed"] for run in result["runs"])
+    return 1 if failed and not any(run["aggregate"]["completed"] for run in result["runs"]) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="require this bearer key (repeatable; QANAT_API_KEYS adds comma-separated keys)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM")
+    serve.add_argument("--grid", default="WORLD", help="grid for CO2 figures: FR, MA, US, WORLD")
+    serve.add_argument("--grid-intensity", type=float, default=None, help="gCO2e/kWh, overrides --grid's value")
+    serve.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
     serve.set_defaults(run=_serve)
+
+    energy = commands.add_parser("energy", help="which energy meters exist here, which are readable, power now")
+    energy.add_argument("--cpu-tdp-w", type=float, default=None)
+    energy.add_argument("--interval", type=float, default=1.0, help="seconds to sample power over")
+    energy.set_defaults(run=_energy)
 
     generate = commands.add_parser("generate", help="generate text for one prompt, in-process")
     _add_engine_args(generate)
@@ -84,10 +161,33 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     generate.set_defaults(run=_generate)
 
+    bench = commands.add_parser("bench", help="measure an OpenAI-compatible endpoint; or: bench compare A B")
+    bench.add_argument("action", nargs="*", help="compare RESULT.json RESULT.json ...")
+    bench.add_argument("--url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    bench.add_argument("--model", help="model id (default: the first one the target lists)")
+    bench.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    bench.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    bench.add_argument("--concurrency", help="closed loop: comma-separated concurrencies, e.g. 1,4,16")
+    bench.add_argument("--rate", help="open loop: comma-separated Poisson request rates per second")
+    bench.add_argument("--num-requests", type=int, default=64)
+    bench.add_argument("--duration", type=float, default=None, help="seconds per load instead of --num-requests")
+    bench.add_argument("--input-tokens", type=int, default=200)
+    bench.add_argument("--output-tokens", type=int, default=128)
+    bench.add_argument("--shared-prefix", type=int, default=0, help="tokens common to every prompt")
+    bench.add_argument("--dataset", choices=["synthetic", "multilingual"], default="synthetic")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
+    bench.add_argument("--tokenizer", default="auto", help="auto | none | PATH.gguf, for exact prompt lengths")
+    bench.add_argument("--slo", help="goodput objectives, e.g. ttft=500ms,tpot=50ms")
+    bench.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    bench.add_argument("--out", help="directory for result.json, summary.md and plots")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(run=_bench)
+
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"qanat: {e}", file=sys.stderr)
         return 2
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from qanat.energy.carbon import CarbonModel
 
 
 class ConfigError(ValueError):
@@ -23,6 +25,8 @@ class EngineConfig:
     threads: int = os.cpu_count() or 1
     batch_tokens: int = 512  # the most tokens one forward pass takes (llama.cpp n_batch)
     max_waiting: int = 256  # requests queued beyond the parallel slots before 429
+    energy_meter: str = "auto"  # auto | nvml | rapl | estimate
+    cpu_tdp_w: float | None = None  # for the CPU-time estimate; None = from the built-in table
 
     def __post_init__(self) -> None:
         _require(32 <= self.ctx <= 1_048_576, f"--ctx must be between 32 and 1048576, got {self.ctx}")
@@ -33,6 +37,10 @@ class EngineConfig:
             f"--batch must be between --parallel ({self.parallel}) and 65536, got {self.batch_tokens}",
         )
         _require(0 <= self.max_waiting <= 100_000, f"--max-waiting must be in 0..100000, got {self.max_waiting}")
+        _require(self.energy_meter in ("auto", "nvml", "rapl", "estimate"),
+                 f"--energy-meter must be auto, nvml, rapl or estimate, got {self.energy_meter!r}")
+        _require(self.cpu_tdp_w is None or 1 <= self.cpu_tdp_w <= 2000,
+                 f"--cpu-tdp-w must be between 1 and 2000 W, got {self.cpu_tdp_w}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # empty = no authentication
     max_body_bytes: int = 4 * 1024 * 1024
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    carbon: CarbonModel = field(default_factory=CarbonModel)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qanat.config import EngineConfig
+from qanat.energy.accounting import EnergyAccountant, EnergyTotals
+from qanat.energy.meters import open_meter
 from qanat.engine.detokenizer import IncrementalDetokenizer
 from qanat.engine.llamacpp import ContextSettings, LlamaCppExecutor, LlamaModel, RequestSampler
 from qanat.engine.scheduler import Scheduler, StepOutput
@@ -50,6 +52,7 @@ class EngineStats:
     kv_usage: float
     prefix_cache_hit_tokens: int
     prompt_tokens: int
+    energy: EnergyTotals
 
 
 class Engine:
@@ -65,6 +68,7 @@ class Engine:
         self.context_len = self.executor.slot_capacity
         self.scheduler = Scheduler(config.parallel, self.context_len, self.executor.n_batch)
         self.chat_template = self._load_chat_template()
+        self.energy = EnergyAccountant(open_meter(config.energy_meter, config.cpu_tdp_w))
 
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -182,6 +186,7 @@ class Engine:
             kv_usage=self.scheduler.kv_usage,
             prefix_cache_hit_tokens=self._prefix_hit_tokens,
             prompt_tokens=self._prompt_tokens,
+            energy=self.energy.totals(),
         )
 
     # -- engine thread --------------------------------------------------------------------------------
@@ -201,6 +206,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return
+        self.energy.begin_step()
         try:
             result = self.executor.execute(plan)
         except Exception as e:  # a failed forward pass fails its requests only; the loop goes on
@@ -208,6 +214,10 @@ class Engine:
             for chunk in plan.chunks:
                 self._end(chunk.request, FinishReason.ERROR, f"the engine failed to run this request: {e}")
             return
+        finally:
+            shares = self.energy.end_step({c.request.request_id: len(c.token_ids) for c in plan.chunks})
+        for chunk in plan.chunks:
+            chunk.request.energy_j += shares.get(chunk.request.request_id, 0.0)
         outputs = self.scheduler.update(plan, result.sampled)
         self._publish(outputs, result.logprobs)
 
@@ -277,6 +287,7 @@ class Engine:
             finish_reason=request.finish_reason if final else None,
             logprobs=logprobs,
             queue_time_s=(request.scheduled_s or time.monotonic()) - request.arrival_s if final else None,
+            energy_j=request.energy_j if final else None,
             error=request.error,
         )
 

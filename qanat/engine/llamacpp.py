@@ -42,10 +42,11 @@ class ContextSettings:
 class LlamaModel:
     """Weights, vocabulary and tokenizer. Thread-safe for tokenizing: it reads only the vocabulary."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, vocab_only: bool = False) -> None:
         _init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = -1  # every layer on the accelerator when the build has one; ignored on CPU
+        params.vocab_only = vocab_only  # a tokenizer alone (qanat bench) needs no weights
         self.path = path
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:

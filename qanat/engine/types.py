@@ -104,6 +104,7 @@ class Request:
     error: str | None = None
     arrival_s: float = field(default_factory=time.monotonic)
     scheduled_s: float | None = None  # when it got a slot: queue time = scheduled_s - arrival_s
+    energy_j: float = 0.0  # its share of the energy of every step it was in
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -144,4 +145,5 @@ class Delta:
     finish_reason: FinishReason | None = None
     logprobs: SampledLogprobs | None = None  # for token_ids[-1], when the request asked for logprobs
     queue_time_s: float | None = None  # on the final delta
+    energy_j: float | None = None  # on the final delta: the request's attributed energy
     error: str | None = None

@@ -108,6 +108,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     app.state.metrics = ServerMetrics(engine)
     app.state.started_at = int(time.time())
     app.state.gateway = {"in_flight": 0, "draining": False}
+    app.state.carbon = config.carbon
     install_error_handlers(app)
 
     @app.exception_handler(_Unauthorized)
@@ -147,5 +148,5 @@ def startup_line(engine: Engine, config: ServerConfig) -> str:
         "event": "ready", "url": f"http://{config.host}:{config.port}/v1", "model": engine.model_id,
         "model_path": str(engine.model_path), "ctx_per_request": engine.context_len,
         "parallel": engine.config.parallel, "threads": engine.config.threads,
-        "auth": bool(config.api_keys),
+        "auth": bool(config.api_keys), "energy_source": engine.energy.source, "grid": config.carbon.grid,
     })

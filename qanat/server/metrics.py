@@ -29,6 +29,16 @@ class _EngineCollector(Collector):
                                   stats.prefix_cache_hit_tokens)
         yield CounterMetricFamily("qanat_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
                                   stats.prompt_tokens)
+        energy = stats.energy
+        joules = CounterMetricFamily("qanat_energy_joules", "Energy since start: charged to requests, or idle",
+                                     labels=["source", "kind"])
+        joules.add_metric([energy.source, "requests"], energy.attributed_j)
+        joules.add_metric([energy.source, "idle"], energy.idle_j)
+        yield joules
+        per_joule = GaugeMetricFamily("qanat_tokens_per_joule", "Tokens processed per joule charged to requests",
+                                      labels=["source"])
+        per_joule.add_metric([energy.source], energy.tokens / energy.attributed_j if energy.attributed_j else 0.0)
+        yield per_joule
 
 
 class ServerMetrics:

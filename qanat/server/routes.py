@@ -141,15 +141,20 @@ def _accumulate(choice: _Choice, delta: Delta) -> None:
     choice.last = delta
 
 
-def _usage(choices: list[_Choice], n: int) -> dict[str, Any]:
+def _usage(request: Request, choices: list[_Choice], n: int) -> dict[str, Any]:
     firsts = [c.last for i, c in enumerate(choices) if i % n == 0 and c.last is not None]
     prompt = sum(d.num_prompt_tokens for d in firsts)
     completion = sum(c.last.num_output_tokens for c in choices if c.last is not None)
+    energy_j = sum(c.last.energy_j or 0.0 for c in choices if c.last is not None)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": sum(d.num_cached_tokens for d in firsts)},
+        # Extensions: this request's share of the energy of the steps it ran in, and where it comes from.
+        "energy_joules": energy_j,
+        "energy_source": _engine(request).energy.source,
+        "co2_grams": request.app.state.carbon.grams(energy_j),
     }
 
 
@@ -213,6 +218,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         "owned_by": "qanat",
         "context_length": engine.context_len,
         "max_model_len": engine.context_len,
+        "energy_source": engine.energy.source,
     }]}
 
 
@@ -243,7 +249,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 "logprobs": logprobs_of(c.logprobs),
                 "finish_reason": _finish_reason(c.last),
             } for i, c in enumerate(choices)],
-            "usage": _usage(choices, body.n),
+            "usage": _usage(request, choices, body.n),
         })
 
     def chunk(choice_list: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
@@ -268,7 +274,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(delta)}])
         timing.done(choices, body.n)
         if body.include_usage:
-            yield chunk([], _usage(choices, body.n))
+            yield chunk([], _usage(request, choices, body.n))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
@@ -306,7 +312,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
             "id": response_id, "object": "text_completion", "created": created, "model": body.model,
             "choices": [{"index": i, "text": c.text, "logprobs": logprobs_of(c.logprobs),
                          "finish_reason": _finish_reason(c.last)} for i, c in enumerate(choices)],
-            "usage": _usage(choices, body.n),
+            "usage": _usage(request, choices, body.n),
         })
 
     def chunk(index: int, delta: Delta) -> str:
@@ -329,7 +335,7 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         timing.done(choices, body.n)
         if body.include_usage:
             yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                        "choices": [], "usage": _usage(choices, body.n)})
+                        "choices": [], "usage": _usage(request, choices, body.n)})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")

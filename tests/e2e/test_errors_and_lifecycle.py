@@ -148,17 +148,17 @@ def test_sigterm_drains_in_flight_requests() -> None:
     try:
         url = f"{srv.base_url}/v1/chat/completions"
         result: dict[str, httpx.Response] = {}
-        body = {**LONG, "max_tokens": 120}
+        body = {**LONG, "max_tokens": 450}  # several seconds of work, still running when SIGTERM lands
         worker = threading.Thread(target=lambda: result.update(r=httpx.post(url, json=body, timeout=120)))
         worker.start()
         time.sleep(1.0)
         srv.terminate()
-        time.sleep(0.5)
+        time.sleep(0.2)
         assert_openai_error(httpx.get(f"{srv.base_url}/ready"), 503)
         assert_openai_error(httpx.post(url, json=CHAT), 503)
         worker.join(timeout=120)
         response = result["r"]
-        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 120
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 450
         assert srv.proc.wait(timeout=30) == 0
     finally:
         srv.stop()

@@ -148,3 +148,22 @@ def test_metrics_and_health(server: ServerProcess, client: openai.OpenAI) -> Non
 def test_openapi_document_is_served(server: ServerProcess) -> None:
     doc = httpx.get(f"{server.base_url}/openapi.json").json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(doc["paths"])
+
+
+def test_energy_in_usage_streamed_and_not(server: ServerProcess, client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)
+    usage = full.usage.model_extra
+    assert usage["energy_joules"] > 0 and usage["co2_grams"] > 0
+    # No power counter is readable on these machines: the figure must say it is an estimate.
+    assert usage["energy_source"] == "estimated:cpu-time"
+    assert usage["co2_grams"] == usage["energy_joules"] / 3.6e6 * 481.0  # the default grid: world average
+
+    chunks = list(client.completions.create(model=MODEL, prompt="Water is", max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True}))
+    final = chunks[-1].usage.model_extra
+    assert final["energy_joules"] > 0 and final["energy_source"] == "estimated:cpu-time"
+
+    assert client.models.list().data[0].model_extra["energy_source"] == "estimated:cpu-time"
+    metrics = httpx.get(f"{server.base_url}/metrics").text
+    assert 'qanat_energy_joules_total{kind="requests",source="estimated:cpu-time"}' in metrics
+    assert 'qanat_tokens_per_joule{source="estimated:cpu-time"}' in metrics
