@@ -27,7 +27,7 @@ import llama_cpp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workload import distinct_prompts, shared_prefix_prompts  # noqa: E402
-from qanat.bench.loadgen import RequestRecord, run_closed_loop  # noqa: E402
+from qanat.bench.loadgen import RequestRecord, run_load  # noqa: E402
 from qanat.config import EngineConfig  # noqa: E402
 from qanat.engine.engine import Engine  # noqa: E402
 from qanat.engine.types import SamplingParams  # noqa: E402
@@ -131,8 +131,8 @@ def bench_llama_sequential(prompts: list[list[int]], llm: llama_cpp.Llama) -> di
         for chunk in llm.create_completion(ids, max_tokens=NEW_TOKENS, temperature=0, stream=True, logit_bias=eog):
             if record.ttft_s is None:
                 record.ttft_s = time.perf_counter() - start
-            record.output_tokens += 1  # one chunk per token
-            del chunk
+            if chunk["choices"][0]["finish_reason"] is None:  # one chunk per token, then a closing one
+                record.output_tokens += 1
         record.e2e_s = time.perf_counter() - start
         record.ok = True
         records.append(record)
@@ -142,7 +142,7 @@ def bench_llama_sequential(prompts: list[list[int]], llm: llama_cpp.Llama) -> di
 def bench_llama_server(url: str, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
     bodies = [{"prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
                "cache_prompt": True, "stream_options": {"include_usage": True}} for ids in prompts]
-    records, wall = asyncio.run(run_closed_loop(f"{url}/v1/completions", bodies, concurrency))
+    records, wall = asyncio.run(run_load(f"{url}/v1/completions", bodies, concurrency=concurrency))
     return summarize(records, wall)
 
 

@@ -9,7 +9,8 @@ Start each server yourself on the same model and threads, then point this at the
     .venv/bin/python bench/http_throughput.py qanat=http://127.0.0.1:8000 llama-server=http://127.0.0.1:8081 \
         llama_cpp.server=http://127.0.0.1:8082
 
-Every target gets the same token-id prompts (distinct ~200-token ones), 128 new tokens, greedy, ignore_eos.
+Every target gets the same prompts (distinct ~200-token ones, sent as text: llama_cpp.server takes no token
+ids), 128 new tokens, greedy, end-of-generation tokens banned by logit_bias (llama_cpp.server has no ignore_eos).
 Prints a Markdown table for docs/benchmarks.md and writes bench/results/http.json.
 """
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_throughput import NEW_TOKENS, fmt, num_requests, summarize  # noqa: E402
 from bench.workload import distinct_prompts  # noqa: E402
-from qanat.bench.loadgen import run_closed_loop  # noqa: E402
+from qanat.bench.loadgen import run_load  # noqa: E402
 from qanat.engine.llamacpp import LlamaModel  # noqa: E402
 from qanat.models.locate import default_model_path  # noqa: E402
 
@@ -41,18 +42,21 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("targets", nargs="+", help="NAME=BASE_URL")
     parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--seed", type=int, default=1000, help="prompt seed: new prompts, no server's cache holds them")
     args = parser.parse_args()
     targets = dict(t.split("=", 1) for t in args.targets)
-    model = LlamaModel(default_model_path())
+    model = LlamaModel(default_model_path(), vocab_only=True)
+    no_eos = {str(t): -100 for t in model.eog_ids}
     rows: list[dict[str, Any]] = []
     for c in (int(x) for x in args.concurrency.split(",")):
-        prompts = distinct_prompts(model, num_requests(c), seed=c)
+        prompts = distinct_prompts(model, num_requests(c), seed=args.seed + c)
         row: dict[str, Any] = {"concurrency": c}
         for name, url in targets.items():
             model_id = served_model(url)
-            bodies = [{"model": model_id, "prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0,
-                       "ignore_eos": True, "stream_options": {"include_usage": True}} for ids in prompts]
-            records, wall = asyncio.run(run_closed_loop(f"{url}/v1/completions", bodies, c))
+            bodies = [{"model": model_id, "prompt": model.detokenize(ids), "max_tokens": NEW_TOKENS, "temperature": 0,
+                       "ignore_eos": True, "logit_bias": no_eos, "stream_options": {"include_usage": True}}
+                      for ids in prompts]
+            records, wall = asyncio.run(run_load(f"{url}/v1/completions", bodies, concurrency=c))
             row[name] = summarize(records, wall)
             print(json.dumps({"concurrency": c, "target": name, **row[name]}), file=sys.stderr, flush=True)
         rows.append(row)

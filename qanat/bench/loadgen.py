@@ -183,8 +183,3 @@ async def run_load(
             await asyncio.gather(*tasks)
         return records, time.perf_counter() - start
 
-
-async def run_closed_loop(
-    url: str, bodies: Sequence[dict[str, Any]], concurrency: int, headers: dict[str, str] | None = None,
-) -> tuple[list[RequestRecord], float]:
-    return await run_load(url, bodies, concurrency=concurrency, headers=headers)

@@ -17,18 +17,19 @@ from typing import Any, Protocol
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
 
-# Thermal design power per CPU package, in watts, for the estimate. Matched as substrings of
-# /proc/cpuinfo's "model name", first match wins. Override with --cpu-tdp-w.
-CPU_TDP_W = [
-    ("EPYC", 225.0),  # AMD EPYC server parts: 155-400 W; a mid value
-    ("Xeon", 205.0),  # Intel Xeon Scalable: 150-350 W
-    ("Ryzen", 105.0),
-    ("Core(TM) i9", 125.0),
-    ("Core(TM) i7", 65.0),
-    ("Core(TM) i5", 65.0),
-    ("Apple", 30.0),
+# (substring of /proc/cpuinfo's "model name", package TDP in watts, cores per package), first match wins.
+# Typical mid-range parts of each family; a VM's cpuinfo shows its vCPUs, not the package, so the core
+# count comes from here. Override the TDP with --cpu-tdp-w.
+CPU_TDP = [
+    ("EPYC", 225.0, 64),  # AMD EPYC 7003/9004: 155-400 W, 16-96 cores
+    ("Xeon", 205.0, 28),  # Intel Xeon Scalable: 150-350 W
+    ("Ryzen", 105.0, 16),
+    ("Core(TM) i9", 125.0, 24),
+    ("Core(TM) i7", 65.0, 8),
+    ("Core(TM) i5", 65.0, 6),
+    ("Apple", 30.0, 10),
 ]
-DEFAULT_CPU_TDP_W = 65.0
+DEFAULT_CPU_TDP = (65.0, 8)  # a desktop part
 IDLE_FRACTION_OF_TDP = 0.3  # idle package power as a share of TDP, for the estimate's separate idle figure
 
 
@@ -99,18 +100,20 @@ class NvmlMeter:
 class CpuTimeEstimateMeter:
     """No counter readable: this process's CPU time × watts per busy core, from the package TDP.
 
-    That is dynamic (busy) power only; idle power, `idle_w`, is reported separately and charged to nobody.
+    That is busy power only; idle power, `idle_w` (our cores' share of the package's idle draw), is reported
+    separately and charged to nobody.
     """
 
     source = "estimated:cpu-time"
 
     def __init__(self, tdp_w: float | None = None, cores: int | None = None) -> None:
         self.cpu_model = _cpu_model()
-        self.tdp_w = tdp_w if tdp_w is not None else _tdp_for(self.cpu_model)
-        # A package's TDP is spread over all of its cores; a container sees only some of them.
-        self.package_cores = cores or _package_cores()
+        table_tdp_w, table_cores = _tdp_for(self.cpu_model)
+        self.tdp_w = tdp_w if tdp_w is not None else table_tdp_w
+        # A package's TDP is spread over all of its cores; a VM or container owns only some of them.
+        self.package_cores = cores or table_cores
         self.watts_per_busy_core = self.tdp_w / self.package_cores
-        self.idle_w = IDLE_FRACTION_OF_TDP * self.tdp_w * min(1.0, (os.cpu_count() or 1) / self.package_cores)
+        self.idle_w = IDLE_FRACTION_OF_TDP * self.watts_per_busy_core * min(os.cpu_count() or 1, self.package_cores)
         self._start_cpu_s = time.process_time()
 
     def read_joules(self) -> float:
@@ -127,19 +130,8 @@ def _cpu_model() -> str:
     return "unknown"
 
 
-def _package_cores() -> int:
-    """Physical cores per package as /proc/cpuinfo says ("cpu cores"), else the CPUs we can see."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu cores"):
-                return max(1, int(line.split(":", 1)[1]))
-    except (OSError, ValueError):
-        pass
-    return os.cpu_count() or 1
-
-
-def _tdp_for(cpu_model: str) -> float:
-    return next((w for key, w in CPU_TDP_W if key in cpu_model), DEFAULT_CPU_TDP_W)
+def _tdp_for(cpu_model: str) -> tuple[float, int]:
+    return next(((w, cores) for key, w, cores in CPU_TDP if key in cpu_model), DEFAULT_CPU_TDP)
 
 
 @dataclass(frozen=True)

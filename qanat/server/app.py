@@ -26,17 +26,35 @@ class _BodyTooLargeError(Exception):
 
 
 class GatewayMiddleware:
-    """Counts in-flight requests (for draining), refuses new work while draining, caps body size."""
+    """For /v1/: counts in-flight requests (for draining) and requests by status, refuses new work while
+    draining, caps body size. Plain ASGI, so streamed responses pass through without extra buffering."""
 
-    def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, int | bool]) -> None:
+    def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, int | bool],
+                 metrics: ServerMetrics) -> None:
         self.app = app
         self.config = config
         self.state = state
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
+        status = 500
+
+        async def counted_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._gate(scope, receive, counted_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status)).inc()
+
+    async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.state["draining"]:
             await _send(send, error_response(503, "the server is shutting down", "server_error",
                                              code="draining", headers={"Retry-After": "5"}), scope, receive)
@@ -132,14 +150,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        route = request.scope.get("route")
-        app.state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
-    app.add_middleware(GatewayMiddleware, config=config, state=app.state.gateway)
+    app.add_middleware(GatewayMiddleware, config=config, state=app.state.gateway, metrics=app.state.metrics)
     return app
 
 
