@@ -244,7 +244,9 @@ class Engine:
             if len(request.output_ids) == 1:
                 self._prefix_hit_tokens += request.num_cached_tokens
                 self._prompt_tokens += request.num_prompt_tokens
-            text = stream.detokenizer.add(out.new_token_id)
+            # A stop token id ends the text without appearing in it, like a stop string.
+            stopped_by_id = out.finished and out.new_token_id in request.params.stop_token_ids
+            text = "" if stopped_by_id else stream.detokenizer.add(out.new_token_id)
             finished = out.finished
             if stream.detokenizer.stopped and not finished:
                 self.scheduler.finish(request, FinishReason.STOP)

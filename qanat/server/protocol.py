@@ -64,6 +64,7 @@ class _CommonRequest(BaseModel):
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
     ignore_eos: bool = False
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None, grammar: str | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -84,6 +85,7 @@ class _CommonRequest(BaseModel):
             max_tokens=max_tokens,
             stop=tuple(s for s in stop if s),
             ignore_eos=self.ignore_eos,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
             logit_bias=tuple(bias),
             logprobs=logprobs,
             grammar=grammar,

@@ -53,6 +53,10 @@ def test_max_completion_tokens_and_stop(client: openai.OpenAI) -> None:
                                     stop=[" 6", "zzz"])
     assert cut.choices[0].text == whole.choices[0].text.split(" 6")[0]
     assert cut.choices[0].finish_reason == "stop"
+    by_id = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0, max_tokens=12,
+                                      extra_body={"stop_token_ids": [28]})  # 28 is "," in SmolLM2's vocabulary
+    assert by_id.choices[0].finish_reason == "stop" and by_id.usage.completion_tokens < 12
+    assert by_id.choices[0].text == whole.choices[0].text.split(",")[0]  # the stop token itself is not emitted
 
 
 def test_n_choices_share_the_prompt(client: openai.OpenAI) -> None:
