@@ -127,12 +127,6 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
             task.cancel()
 
 
-async def _collect(events: AsyncIterator[tuple[int, Delta]], choices: list[_Choice], timing: _Timing) -> None:
-    async for index, delta in events:
-        _accumulate(choices[index], delta)
-        timing.token()
-
-
 def _accumulate(choice: _Choice, delta: Delta) -> None:
     choice.text += delta.text
     choice.token_ids += delta.token_ids
@@ -195,17 +189,46 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _start(request: Request, jobs: list[Job]) -> tuple[AsyncIterator[tuple[int, Delta]], tuple[int, Delta]]:
-    """Begin generating and wait for the first delta, so that errors (429, 400) still get their status code."""
-    events = _events(_engine(request), jobs)
-    first = await _unless_disconnected(request, anext(events))
-    return events, first
+class _Generation:
+    """One API request's choices in flight: their accumulated text, usage and client-side timings."""
 
+    def __init__(self, request: Request, jobs: list[Job], n: int) -> None:
+        self.request = request
+        self.n = n
+        self.choices = [_Choice() for _ in jobs]
+        self.timing = _Timing(request.app.state.metrics)
+        self._events = _events(_engine(request), jobs)
+        self._first: tuple[int, Delta] | None = None
 
-async def _chain(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
-    yield first
-    async for item in rest:
-        yield item
+    async def start(self) -> _Generation:
+        """Wait for the first delta before answering, so that errors (429, 400) still get their status code."""
+        self._first = await _unless_disconnected(self.request, anext(self._events))
+        return self
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        """Every (choice index, delta), accumulated into `choices` as it passes."""
+        assert self._first is not None, "start() first"
+        index, delta = self._first
+        while True:
+            _accumulate(self.choices[index], delta)
+            self.timing.token()
+            yield index, delta
+            try:
+                index, delta = await anext(self._events)
+            except StopAsyncIteration:
+                break
+        self.timing.done(self.choices, self.n)
+
+    async def collect(self) -> list[_Choice]:
+        async def drain() -> None:
+            async for _ in self.deltas():
+                pass
+
+        await _unless_disconnected(self.request, drain())
+        return self.choices
+
+    def usage(self) -> dict[str, Any]:
+        return _usage(self.request, self.choices, self.n)
 
 
 @router.get("/models")
@@ -229,18 +252,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     params = body.sampling_params()
     jobs = _jobs([engine.chat_prompt_ids(body.chat_messages())], params, body.n)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    choices = [_Choice() for _ in jobs]
-    timing = _Timing(request.app.state.metrics)
-    events, first = await _start(request, jobs)
+    generation = await _Generation(request, jobs, body.n).start()
 
     def logprobs_of(entries: list[SampledLogprobs]) -> dict[str, Any] | None:
         return _chat_logprobs(engine, entries) if params.logprobs is not None else None
 
     if not body.stream:
-        _accumulate(choices[first[0]], first[1])
-        timing.token()
-        await _unless_disconnected(request, _collect(events, choices, timing))
-        timing.done(choices, body.n)
+        choices = await generation.collect()
         return JSONResponse({
             "id": response_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": [{
@@ -249,7 +267,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
                 "logprobs": logprobs_of(c.logprobs),
                 "finish_reason": _finish_reason(c.last),
             } for i, c in enumerate(choices)],
-            "usage": _usage(request, choices, body.n),
+            "usage": generation.usage(),
         })
 
     def chunk(choice_list: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
@@ -263,18 +281,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         for i in range(len(jobs)):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None}])
-        async for index, delta in _chain(first, events):
-            _accumulate(choices[index], delta)
-            timing.token()
+        async for index, delta in generation.deltas():
             if delta.text or delta.logprobs is not None:
                 lp = logprobs_of([delta.logprobs]) if delta.logprobs is not None else None
                 yield chunk([{"index": index, "delta": {"content": delta.text}, "logprobs": lp,
                               "finish_reason": None}])
             if delta.finish_reason is not None:
                 yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(delta)}])
-        timing.done(choices, body.n)
         if body.include_usage:
-            yield chunk([], _usage(request, choices, body.n))
+            yield chunk([], generation.usage())
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
@@ -296,23 +311,18 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
     params = body.sampling_params()
     jobs = _jobs(prompts, params, body.n)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-    choices = [_Choice() for _ in jobs]
-    timing = _Timing(request.app.state.metrics)
-    events, first = await _start(request, jobs)
+    generation = await _Generation(request, jobs, body.n).start()
 
     def logprobs_of(entries: list[SampledLogprobs]) -> dict[str, Any] | None:
         return _completion_logprobs(engine, entries) if params.logprobs is not None else None
 
     if not body.stream:
-        _accumulate(choices[first[0]], first[1])
-        timing.token()
-        await _unless_disconnected(request, _collect(events, choices, timing))
-        timing.done(choices, body.n)
+        choices = await generation.collect()
         return JSONResponse({
             "id": response_id, "object": "text_completion", "created": created, "model": body.model,
             "choices": [{"index": i, "text": c.text, "logprobs": logprobs_of(c.logprobs),
                          "finish_reason": _finish_reason(c.last)} for i, c in enumerate(choices)],
-            "usage": _usage(request, choices, body.n),
+            "usage": generation.usage(),
         })
 
     def chunk(index: int, delta: Delta) -> str:
@@ -327,15 +337,12 @@ async def completions(body: CompletionRequest, request: Request) -> JSONResponse
         return _sse(payload)
 
     async def stream() -> AsyncIterator[str]:
-        async for index, delta in _chain(first, events):
-            _accumulate(choices[index], delta)
-            timing.token()
+        async for index, delta in generation.deltas():
             if delta.text or delta.finish_reason is not None or delta.logprobs is not None:
                 yield chunk(index, delta)
-        timing.done(choices, body.n)
         if body.include_usage:
             yield _sse({"id": response_id, "object": "text_completion", "created": created, "model": body.model,
-                        "choices": [], "usage": _usage(request, choices, body.n)})
+                        "choices": [], "usage": generation.usage()})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
