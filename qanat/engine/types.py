@@ -63,8 +63,11 @@ class SamplingParams:
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         check(len(self.stop) <= 16, "stop", "allows at most 16 strings")
         check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
-        check(all(math.isfinite(b) or b == -math.inf for _, b in self.logit_bias), "logit_bias",
-              "values must be finite numbers")
+        check(all(math.isfinite(b) for _, b in self.logit_bias), "logit_bias", "values must be finite numbers")
+        # A grammar must be free to end the output: banning end-of-generation would leave llama.cpp's grammar
+        # with no allowed token, which aborts the whole process.
+        check(not (self.ignore_eos and self.grammar is not None), "ignore_eos",
+              "cannot be combined with a grammar or response_format (the output ends where the grammar does)")
         check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be between 0 and 20")
 
     @property

@@ -40,6 +40,7 @@ def assert_openai_error(response: httpx.Response, status: int, param: str | None
         ({**CHAT, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
         ({**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
         ({**CHAT, "logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({**CHAT, "ignore_eos": True, "response_format": {"type": "json_object"}}, "ignore_eos"),
         ({"messages": CHAT["messages"]}, "model"),
         ({**CHAT, "messages": [{"role": "user", "content": "water " * 3000}]}, "messages"),
     ],

@@ -172,7 +172,10 @@ def test_too_long_prompt_is_refused_and_engine_keeps_serving(engine: Engine) -> 
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-     ({"presence_penalty": 3}, "presence_penalty"), ({"stop": ("",)}, "stop"), ({"logprobs": 50}, "logprobs")],
+     ({"presence_penalty": 3}, "presence_penalty"), ({"stop": ("",)}, "stop"), ({"logprobs": 50}, "logprobs"),
+     ({"logit_bias": ((5, float("-inf")),)}, "logit_bias"),
+     # Regression: a grammar that had finished, with end-of-generation banned, aborted the server process.
+     ({"ignore_eos": True, "grammar": 'root ::= "yes"'}, "ignore_eos")],
 )
 def test_invalid_sampling_values_are_named(kwargs: dict, param: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(InvalidRequestError, match=param) as info:
