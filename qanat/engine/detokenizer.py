@@ -61,7 +61,3 @@ class IncrementalDetokenizer:
         piece = self.text[self._emitted : end]
         self._emitted = end
         return piece
-
-    @property
-    def emitted_text(self) -> str:
-        return self.text[: self._emitted]

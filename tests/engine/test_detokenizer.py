@@ -28,10 +28,9 @@ def test_stop_string_across_tokens_is_cut_and_never_emitted() -> None:
 
 def test_possible_stop_prefix_is_held_back_then_released() -> None:
     detok = IncrementalDetokenizer(VOCAB.__getitem__, ("lo x",))
-    assert detok.add(1) == "He"  # "l" could begin "lo x"
-    assert detok.add(2) == "llo w"  # "lo w" did not turn into "lo x": released
-    assert detok.add(3) == "orld"
-    assert detok.emitted_text == "Hello world"
+    pieces = [detok.add(1), detok.add(2), detok.add(3)]
+    assert pieces == ["He", "llo w", "orld"]  # "l" could begin "lo x"; "lo w" did not, so it is released
+    assert "".join(pieces) + detok.flush() == "Hello world"
 
 
 def test_tail_that_may_start_a_stop_is_flushed_at_the_end() -> None:
