@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workload import distinct_prompts, shared_prefix_prompts  # noqa: E402
 from qanat.bench.loadgen import RequestRecord, run_load  # noqa: E402
+from qanat.bench.metrics import aggregate, percentile  # noqa: E402
 from qanat.config import EngineConfig  # noqa: E402
 from qanat.engine.engine import Engine  # noqa: E402
 from qanat.engine.types import SamplingParams  # noqa: E402
@@ -42,17 +42,21 @@ def num_requests(concurrency: int) -> int:
 
 
 def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
-    ok = [r for r in records if r.ok]
-    ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
-    decode = [r.decode_tokens_per_s for r in ok if r.decode_tokens_per_s]
+    """The few figures these tables need, taken from `qanat bench`'s own aggregates."""
+    agg = aggregate(records, wall_s)
+
+    def seconds(ms: float | None) -> float | None:
+        return None if ms is None else ms / 1000
+
+    decode = [rate for r in records if r.ok and (rate := r.decode_tokens_per_s)]
     return {
         "requests": len(records),
-        "errors": len(records) - len(ok),
-        "output_tokens": sum(r.output_tokens for r in ok),
-        "tokens_per_s": sum(r.output_tokens for r in ok) / wall_s,
-        "ttft_median_s": statistics.median(ttfts) if ttfts else None,
-        "ttft_p90_s": ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None,
-        "decode_tokens_per_s_median": statistics.median(decode) if decode else None,
+        "errors": agg["failed"],
+        "output_tokens": agg["total_output_tokens"],
+        "tokens_per_s": agg["output_throughput"],
+        "ttft_median_s": seconds(agg["median_ttft_ms"]),
+        "ttft_p90_s": seconds(agg["p90_ttft_ms"]),
+        "decode_tokens_per_s_median": percentile(decode, 50),
         "wall_s": wall_s,
     }
 
