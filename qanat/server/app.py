@@ -56,13 +56,14 @@ class GatewayMiddleware:
 
     async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.state["draining"]:
-            await _send(send, error_response(503, "the server is shutting down", "server_error",
-                                             code="draining", headers={"Retry-After": "5"}), scope, receive)
+            draining = error_response(503, "the server is shutting down", "server_error", code="draining",
+                                      headers={"Retry-After": "5"})
+            await draining(scope, receive, send)
             return
         limit = self.config.max_body_bytes
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            await _send(send, _too_large(limit), scope, receive)
+            await _too_large(limit)(scope, receive, send)
             return
         received = 0
         started = False
@@ -85,7 +86,7 @@ class GatewayMiddleware:
             await self.app(scope, counted_receive, watched_send)
         except _BodyTooLargeError:
             if not started:
-                await _send(send, _too_large(limit), scope, receive)
+                await _too_large(limit)(scope, receive, send)
         finally:
             self.state["in_flight"] -= 1
 
@@ -93,9 +94,6 @@ class GatewayMiddleware:
 def _too_large(limit: int) -> JSONResponse:
     return error_response(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
 
-
-async def _send(send: Send, response: Response, scope: Scope, receive: Receive) -> None:
-    await response(scope, receive, send)
 
 
 def _auth_dependency(keys: tuple[str, ...]):  # type: ignore[no-untyped-def]

@@ -28,7 +28,6 @@ Job = tuple[list[int], SamplingParams]  # one choice: prompt ids and its samplin
 @dataclass
 class _Choice:
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampledLogprobs] = field(default_factory=list)
     last: Delta | None = None
 
@@ -129,7 +128,6 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 
 def _accumulate(choice: _Choice, delta: Delta) -> None:
     choice.text += delta.text
-    choice.token_ids += delta.token_ids
     if delta.logprobs is not None:
         choice.logprobs.append(delta.logprobs)
     choice.last = delta
