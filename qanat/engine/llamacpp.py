@@ -242,7 +242,10 @@ class LlamaCppExecutor:
         positions: list[int] = []
         seq_ids: list[int] = []
         sample_at: list[tuple[str, int]] = []  # (request_id, batch index whose logits we sample)
-        for chunk in plan.chunks:
+        # Sequence order matters: with a stream per sequence llama.cpp splits the batch into one pass per run
+        # of consecutive seq ids, in batch order. Sorted, 16 decodes take one pass (≈100 ms here), not up
+        # to 16 (≈150 ms shuffled).
+        for chunk in sorted(plan.chunks, key=lambda c: c.seq_id):
             n = len(chunk.token_ids)
             tokens += chunk.token_ids
             positions += range(chunk.start_pos, chunk.start_pos + n)

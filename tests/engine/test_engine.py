@@ -39,13 +39,17 @@ def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
     ids = [chat_ids(engine, p) for p in PROMPTS]
     alone = [tokens_of(run(collect(engine, i, params))) for i in ids]
 
-    async def batched() -> list[list[int]]:
-        results = await asyncio.gather(*(collect(engine, i, params) for i in ids))
-        return [tokens_of(r) for r in results]
+    async def batched(order: list[int]) -> list[list[int]]:
+        results = await asyncio.gather(*(collect(engine, ids[k], params) for k in order))
+        by_prompt = dict(zip(order, results, strict=True))
+        return [tokens_of(by_prompt[k]) for k in range(len(ids))]
 
-    together = run(batched())
-    for prompt, a, b in zip(PROMPTS, alone, together, strict=True):
-        assert a == b, f"batched output drifted for {prompt!r}"
+    together = run(batched(list(range(len(ids)))))
+    # Reversed, each prompt reuses its cached slot, so admission order runs against seq id order: the executor
+    # reorders the batch by seq id and must map every sampled token back to its own request.
+    reversed_order = run(batched(list(reversed(range(len(ids))))))
+    for prompt, a, b, c in zip(PROMPTS, alone, together, reversed_order, strict=True):
+        assert a == b == c, f"batched output drifted for {prompt!r}"
     texts = [engine.model.detokenize(t) for t in together]
     # Each answer is on its own prompt's topic: no sequence got another's KV.
     topics = [("sea", "ocean", "wave"), ("france", "marseill", "paris"), ("photosynthesis",), ("python",),
