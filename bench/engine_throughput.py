@@ -5,8 +5,10 @@ Targets, all on the same model, threads and token-id prompts (see workload.py):
   llama     `llama_cpp.Llama`, the same requests one after another (it serves one at a time)
   server    llama.cpp's C++ `llama-server` over HTTP, when --llama-server-url points at one
 
-    .venv/bin/python bench/engine_throughput.py [--llama-server-url http://127.0.0.1:8081] [--quick]
+    .venv/bin/python bench/engine_throughput.py [--llama-server-url http://127.0.0.1:8081] [--rounds 3]
 
+This machine drifts by ±15 % over minutes, so each row runs `--rounds` rounds with fresh prompts, qanat
+and llama-server taking turns going first; the tables give medians and each round's ratio.
 Prints Markdown tables for docs/benchmarks.md and writes bench/results/engine.json.
 """
 
@@ -154,47 +156,60 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def median_of(rounds: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rounds if r[key] is not None]
+    return percentile(values, 50) if values else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-server-url", default=None)
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--parallel", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000,
+                        help="prompt seed; the default changes per run, so no server has these prompts cached")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     engine = Engine(EngineConfig(ctx=1024, parallel=args.parallel, threads=THREADS))
     llm = llama_cpp.Llama(str(default_model_path()), n_ctx=1024, n_threads=THREADS, n_batch=512, verbose=False)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "llama_cpp_python": llama_cpp.__version__,
-                               "runs": []}
+                               "seed": args.seed, "runs": []}
     for workload, make in (("distinct", distinct_prompts), ("shared-prefix", shared_prefix_prompts)):
         for c in concurrencies:
-            prompts = make(engine.model, num_requests(c), seed=c)
-            row: dict[str, Any] = {"workload": workload, "concurrency": c,
-                                   "qanat": bench_qanat(prompts, c, engine)}
-            if c == 1:
-                row["llama_sequential"] = bench_llama_sequential(prompts, llm)
-            if args.llama_server_url:
-                row["llama_server"] = bench_llama_server(args.llama_server_url, prompts, c)
+            row: dict[str, Any] = {"workload": workload, "concurrency": c, "qanat": [], "llama_server": []}
+            for r in range(args.rounds):
+                prompts = make(engine.model, num_requests(c), seed=args.seed + 1000 * r + c)
+                turns = ["qanat", "llama_server"] if args.llama_server_url else ["qanat"]
+                for name in turns if r % 2 == 0 else reversed(turns):
+                    row[name].append(bench_qanat(prompts, c, engine) if name == "qanat"
+                                     else bench_llama_server(args.llama_server_url, prompts, c))
+                if c == 1 and r == 0:
+                    row["llama_sequential"] = bench_llama_sequential(prompts, llm)
             results["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     (out / "engine.json").write_text(json.dumps(results, indent=2))
 
-    print("| workload | concurrency | qanat tok/s | llama-server tok/s | ratio | qanat TTFT p50 (s) | "
-          "llama-server TTFT p50 (s) | Python share of a qanat step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| workload | concurrency | qanat tok/s | llama-server tok/s | ratio | ratio per round | "
+          "qanat TTFT p50 (s) | llama-server TTFT p50 (s) | Python share of a qanat step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in results["runs"]:
-        q, s = row["qanat"], row.get("llama_server")
-        ratio = q["tokens_per_s"] / s["tokens_per_s"] if s else None
-        print(f"| {row['workload']} | {row['concurrency']} | {fmt(q['tokens_per_s'])} | "
-              f"{fmt(s and s['tokens_per_s'])} | {fmt(ratio, 2)} | {fmt(q['ttft_median_s'], 2)} | "
-              f"{fmt(s and s['ttft_median_s'], 2)} | {fmt(100 * q['python_share_of_step'])} % |")
+        q, s = row["qanat"], row["llama_server"]
+        q_tps, s_tps = median_of(q, "tokens_per_s"), median_of(s, "tokens_per_s") if s else None
+        ratio = q_tps / s_tps if s_tps else None
+        per_round = " / ".join(fmt(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(q, s, strict=True))
+        print(f"| {row['workload']} | {row['concurrency']} | {fmt(q_tps)} | {fmt(s_tps)} | {fmt(ratio, 2)} | "
+              f"{per_round or '—'} | {fmt(median_of(q, 'ttft_median_s'), 2)} | "
+              f"{fmt(median_of(s, 'ttft_median_s') if s else None, 2)} | "
+              f"{fmt(100 * median_of(q, 'python_share_of_step'))} % |")
     print()
-    print("| single stream (concurrency 1) | qanat | llama_cpp.Llama, one after another | ratio |")
+    print("| single stream (concurrency 1, first round) | qanat | llama_cpp.Llama, one after another | ratio |")
     print("|---|---|---|---|")
     for row in results["runs"]:
         if "llama_sequential" in row:
-            q, a = row["qanat"], row["llama_sequential"]
+            q, a = row["qanat"][0], row["llama_sequential"]
             print(f"| {row['workload']}: decode tok/s | {fmt(q['decode_tokens_per_s_median'])} | "
                   f"{fmt(a['decode_tokens_per_s_median'])} | "
                   f"{fmt(q['decode_tokens_per_s_median'] / a['decode_tokens_per_s_median'], 2)} |")
