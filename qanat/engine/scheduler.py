@@ -5,9 +5,10 @@ Pure bookkeeping, no llama.cpp: testable with hand-written sampled tokens.
 The KV cache is split into `num_slots` sequences (llama.cpp seq ids) of `slot_capacity` cells each.
 Every step, each running request is granted tokens so that `num_computed_tokens` catches up with
 `num_tokens`: decoding requests get one token, prefilling ones a chunk of their prompt from what is left
-of the step's token budget, oldest first. A slot keeps the KV of its last request when that request ends,
-so a later prompt that starts the same way (a system prompt, a chat history) reuses it, either in place or
-by copying it from another slot: that is the prefix cache.
+of the step's token budget, oldest first. A new request takes a free slot next to the running ones, so their
+seq ids stay consecutive (llama.cpp's pass count depends on it). A slot keeps the KV of its last request when
+that request ends, so a later prompt that starts the same way (a system prompt, a chat history) reuses it,
+either in place or by copying it into the chosen slot: that is the prefix cache.
 """
 
 from __future__ import annotations
@@ -185,8 +186,13 @@ class Scheduler:
         def reusable(slot: Slot) -> int:
             return min(common_prefix_len(prompt, slot.token_ids), max_reuse)
 
+        # The slot is chosen to keep running sequences at consecutive seq ids: llama.cpp runs a decode batch
+        # as one pass per run of consecutive ids, and each extra pass costs about one single-sequence step
+        # (4 decodes in slots 0-3: 38 ms; in slots 0, 4, 8, 12: 54 ms), every step of the request's life.
+        # A prefix cached elsewhere is copied over for a few milliseconds, once. Among equally placed slots:
+        # the longest reusable prefix in place, then the least recently used.
         free = [s for s in self.slots if s.request is None]
-        dst = max(free, key=lambda s: (reusable(s), -s.last_used))
+        dst = min(free, key=lambda s: (self._new_runs(s.seq_id), -reusable(s), s.last_used))
         keep = reusable(dst)
         src = max(self.slots, key=reusable)
         copy_from = None
@@ -209,6 +215,13 @@ class Scheduler:
         request.scheduled_s = time.monotonic()
         self.running.append(request)
         return CacheOp(dst.seq_id, keep=keep, copy_from=copy_from)
+
+    def _new_runs(self, seq_id: int) -> int:
+        """How the number of runs of consecutive running seq ids changes if `seq_id` starts running: -1..1."""
+        def running(i: int) -> bool:
+            return 0 <= i < len(self.slots) and self.slots[i].request is not None
+
+        return 1 - running(seq_id - 1) - running(seq_id + 1)
 
     # -- results -------------------------------------------------------------------------------------
 

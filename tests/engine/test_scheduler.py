@@ -135,6 +135,35 @@ def test_prefix_copied_from_a_running_request() -> None:
     assert grants(plan)["b"] == (100, 2, True)
 
 
+def test_new_requests_keep_running_seq_ids_consecutive() -> None:
+    # llama.cpp runs one pass per run of consecutive seq ids: a hole left by a finished request is filled first.
+    sched = Scheduler(num_slots=8, slot_capacity=512, max_batch_tokens=256)
+    x, y, z = (make_request(r, [i, i + 1], max_tokens=50) for r, i in (("x", 10), ("y", 20), ("z", 30)))
+    for r in (x, y, z):
+        sched.add(r)
+    run_step(sched)
+    assert [x.slot, y.slot, z.slot] == [0, 1, 2]
+    sched.finish(y, FinishReason.STOP)
+    w = make_request("w", [40, 41], max_tokens=50)
+    sched.add(w)
+    run_step(sched)
+    assert w.slot == 1
+
+
+def test_prefix_cached_away_from_the_running_block_is_copied_next_to_it() -> None:
+    sched = Scheduler(num_slots=8, slot_capacity=512, max_batch_tokens=256)
+    system = list(range(1, 101))
+    for rid, first in (("x", 500), ("y", 600)):
+        sched.add(make_request(rid, [first, first + 1], max_tokens=50))
+    run_step(sched)  # x and y run in slots 0 and 1
+    sched.slots[5].token_ids = list(system)  # left there by an earlier request
+    b = make_request("b", system + [700, 701])
+    sched.add(b)
+    plan = sched.schedule()
+    assert CacheOp(seq_id=2, keep=100, copy_from=5) in plan.cache_ops
+    assert grants(plan)["b"] == (100, 2, True)
+
+
 def test_identical_prompts_wait_for_the_first_to_compute_the_prefix() -> None:
     sched = Scheduler(num_slots=3, slot_capacity=512, max_batch_tokens=512)
     prompt = list(range(1, 201))
