@@ -199,7 +199,8 @@ def main() -> int:
         q, s = row["qanat"], row["llama_server"]
         q_tps, s_tps = median_of(q, "tokens_per_s"), median_of(s, "tokens_per_s") if s else None
         ratio = q_tps / s_tps if s_tps else None
-        per_round = " / ".join(fmt(a["tokens_per_s"] / b["tokens_per_s"], 2) for a, b in zip(q, s, strict=True))
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(q, s, strict=True)] if s else []
+        per_round = " / ".join(fmt(r, 2) for r in ratios)
         print(f"| {row['workload']} | {row['concurrency']} | {fmt(q_tps)} | {fmt(s_tps)} | {fmt(ratio, 2)} | "
               f"{per_round or '—'} | {fmt(median_of(q, 'ttft_median_s'), 2)} | "
               f"{fmt(median_of(s, 'ttft_median_s') if s else None, 2)} | "
