@@ -2,7 +2,7 @@
 
 Targets, all on the same model, threads and token-id prompts (see workload.py):
   qanat     our engine (continuous batching), driven in-process through `Engine.generate`
-  llama     `llama_cpp.Llama`, the same requests one after another (it serves one at a time)
+  llama     `llama_cpp.Llama`, the same requests one after another (it serves one at a time), in a child process
   server    llama.cpp's C++ `llama-server` over HTTP, when --llama-server-url points at one
 
     .venv/bin/python bench/engine_throughput.py [--llama-server-url http://127.0.0.1:8081] [--rounds 3]
@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +128,9 @@ def bench_qanat(prompts: list[list[int]], concurrency: int, engine: Engine) -> d
     return result
 
 
-def bench_llama_sequential(prompts: list[list[int]], llm: llama_cpp.Llama) -> dict[str, Any]:
+def bench_llama_sequential(prompts: list[list[int]]) -> dict[str, Any]:
+    """`llama_cpp.Llama`, one request after another. Call it through `in_child`, never in qanat's process."""
+    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=1024, n_threads=THREADS, n_batch=512, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     eog = {t: -float("inf") for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
     records = []
@@ -143,6 +147,14 @@ def bench_llama_sequential(prompts: list[list[int]], llm: llama_cpp.Llama) -> di
         record.ok = True
         records.append(record)
     return summarize(records, time.perf_counter() - start_all)
+
+
+def in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run a llama.cpp baseline in a fresh process. A second llama.cpp context driven from another thread of
+    the engine's process gives libgomp more OpenMP threads than cores, so it throttles its spin-waits, and
+    every qanat step after that ran slower (single stream: 159 -> 97-105 tok/s, measured)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def bench_llama_server(url: str, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
@@ -172,7 +184,6 @@ def main() -> int:
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     engine = Engine(EngineConfig(ctx=1024, parallel=args.parallel, threads=THREADS))
-    llm = llama_cpp.Llama(str(default_model_path()), n_ctx=1024, n_threads=THREADS, n_batch=512, verbose=False)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "llama_cpp_python": llama_cpp.__version__,
                                "seed": args.seed, "runs": []}
     for workload, make in (("distinct", distinct_prompts), ("shared-prefix", shared_prefix_prompts)):
@@ -185,7 +196,7 @@ def main() -> int:
                     row[name].append(bench_qanat(prompts, c, engine) if name == "qanat"
                                      else bench_llama_server(args.llama_server_url, prompts, c))
                 if c == 1 and r == 0:
-                    row["llama_sequential"] = bench_llama_sequential(prompts, llm)
+                    row["llama_sequential"] = in_child(bench_llama_sequential, prompts)
             results["runs"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     out = Path(__file__).resolve().parent / "results"

@@ -63,7 +63,7 @@ class Engine:
         self.model = LlamaModel(self.model_path)
         self.executor = LlamaCppExecutor(
             self.model,
-            ContextSettings(config.parallel, config.ctx, config.batch_tokens, config.threads),
+            ContextSettings(config.parallel, config.ctx, config.batch_tokens, config.threads, config.deterministic),
         )
         self.context_len = self.executor.slot_capacity
         self.scheduler = Scheduler(config.parallel, self.context_len, self.executor.n_batch)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 
 from qanat.config import EngineConfig
 from qanat.engine.engine import Engine
-from qanat.engine.types import FinishReason, InvalidRequestError, QueueFullError, SamplingParams
+from qanat.engine.types import Delta, FinishReason, InvalidRequestError, QueueFullError, SamplingParams
 from tests.helpers import chat_ids, collect, run, text_of, tokens_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48)
@@ -26,12 +27,20 @@ PROMPTS = [
 # Measured: greedy outputs of these 8 prompts batched together equal their single-stream outputs on all
 # 64 tokens we compared (one KV stream per sequence keeps each row's arithmetic the same). We assert 32.
 AGREEMENT_TOKENS = 32
-# A prefix-cache hit computes the rest of the prompt in a smaller chunk than a cold run does, and llama.cpp's
-# CPU kernels are not bit-identical across batch sizes. Measured without any cache, the same prompt run with
-# --batch 512, 64 and 16 gives first-token log-probabilities up to 0.16 nats apart, with the top two swapping
-# places. So a hit is checked against a cold run by its next-token distribution, within that noise: wrong
-# KV (another sequence's cells, shifted positions) moves it by whole nats.
-LOGPROB_TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def det() -> Iterator[Engine]:
+    """An engine in deterministic mode: a request's numbers do not depend on chunking, batch mates or cache hits,
+    so prefix-cache and batching correctness can be checked bit for bit."""
+    eng = Engine(EngineConfig(ctx=1024, parallel=8, threads=2, deterministic=True))
+    yield eng
+    eng.shutdown()
+
+
+def numbers(deltas: list[Delta]) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
+    """Each sampled token with its log-probability and the top alternatives, as floats to compare exactly."""
+    return [(d.token_ids[0], d.logprobs.logprob, d.logprobs.top) for d in deltas if d.logprobs is not None]
 
 
 def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
@@ -59,6 +68,29 @@ def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
     for text in texts:  # fluent English, not a mixed-up sequence's byte soup
         words = text.split()
         assert len(words) >= 3 and sum(w.isascii() for w in words) / len(words) > 0.8
+
+
+def test_deterministic_mode_is_bit_identical_alone_cached_and_in_a_crowd(det: Engine) -> None:
+    # With flash attention on, these same three runs differ: first-token log-probabilities of a cache hit by
+    # 0.19 nats, a late joiner's from token 27 on (its KV view reaching 512 cells switches the kernel).
+    params = SamplingParams(temperature=0, max_tokens=32, logprobs=0)
+    target = det.tokenize("The water master keeps the count of every share. " * 20)[:230]
+    crowd = [chat_ids(det, p) for p in PROMPTS] + [det.tokenize("Tell me everything about water. " * 60)]
+
+    cold = run(collect(det, target, params))
+    cached = run(collect(det, target, params))  # all but its last prompt token come from the prefix cache
+
+    async def amid_others() -> list[Delta]:
+        async def after(delay: float, ids: list[int]) -> list[Delta]:
+            await asyncio.sleep(delay)
+            return await collect(det, ids, params)
+
+        others = [after(0.05 * k, ids) for k, ids in enumerate(crowd)]
+        return (await asyncio.gather(after(0.3, target), *others))[0]  # joins while the others decode
+
+    crowded = run(amid_others())
+    assert cached[-1].num_cached_tokens == len(target) - 1
+    assert numbers(cold) == numbers(cached) == numbers(crowded)
 
 
 def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
@@ -120,45 +152,39 @@ def test_multilingual_stream_is_valid_utf8(engine: Engine, prompt: str) -> None:
     assert any(ord(ch) > 127 for ch in streamed)  # the model answered with non-ASCII text
 
 
-def assert_same_continuation(warm, cold) -> None:  # type: ignore[no-untyped-def]
-    warm_top, cold_top = dict(warm[0].logprobs.top), dict(cold[0].logprobs.top)
-    shared = warm_top.keys() & cold_top.keys()
-    assert len(shared) >= 4, (warm_top, cold_top)  # near-ties may swap in and out of the top 5
-    assert all(abs(warm_top[t] - cold_top[t]) < LOGPROB_TOLERANCE for t in shared), (warm_top, cold_top)
-
-
-def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(engine: Engine) -> None:
+def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(det: Engine) -> None:
+    # In deterministic mode a hit must reproduce the cold run exactly: wrong or shifted KV could not.
     system = (
         "You are Qanat's test assistant. You answer briefly, in plain English, without lists. "
         "You know geography, cooking, and the history of irrigation in North Africa, including the "
         "qanats and khettaras that carry water underground from the mountains to oases and fields. "
         "When a question is unclear, you say so. You never invent facts about places."
     )
-    n_system = len(engine.chat_prompt_ids([{"role": "system", "content": system}])) - 2
+    n_system = len(det.chat_prompt_ids([{"role": "system", "content": system}])) - 2
     greedy = SamplingParams(temperature=0, max_tokens=48, logprobs=5)
-    first = run(collect(engine, chat_ids(engine, "What is a khettara?", system), greedy))
+    first = run(collect(det, chat_ids(det, "What is a khettara?", system), greedy))
     assert first[-1].num_cached_tokens < n_system  # this system prompt was never seen before
-    question = chat_ids(engine, "Name a city in Morocco.", system)
-    warm = run(collect(engine, question, greedy))
+    question = chat_ids(det, "Name a city in Morocco.", system)
+    warm = run(collect(det, question, greedy))
     assert warm[-1].num_cached_tokens >= n_system
 
     # Overwrite every slot with unrelated prompts, so the same question then runs cold.
-    fillers = [chat_ids(engine, f"Count from {i} to {i + 3}.") for i in range(engine.config.parallel)]
+    fillers = [chat_ids(det, f"Count from {i} to {i + 3}.") for i in range(det.config.parallel)]
 
     async def fill() -> None:
-        await asyncio.gather(*(collect(engine, f, SamplingParams(temperature=0, max_tokens=4)) for f in fillers))
+        await asyncio.gather(*(collect(det, f, SamplingParams(temperature=0, max_tokens=4)) for f in fillers))
 
     run(fill())
-    cold = run(collect(engine, question, greedy))
+    cold = run(collect(det, question, greedy))
     assert cold[-1].num_cached_tokens < n_system
-    assert_same_continuation(warm, cold)
+    assert numbers(warm) == numbers(cold)
 
-    async def concurrent() -> list[list]:  # type: ignore[type-arg]
-        return await asyncio.gather(*(collect(engine, question + [], greedy) for _ in range(3)))
+    async def concurrent() -> list[list[Delta]]:
+        return await asyncio.gather(*(collect(det, question + [], greedy) for _ in range(3)))
 
     copies = run(concurrent())
     for c in copies:
-        assert_same_continuation(c, cold)
+        assert numbers(c) == numbers(cold)
     assert all(c[-1].num_cached_tokens >= n_system for c in copies)
 
 
