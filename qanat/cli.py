@@ -21,8 +21,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch_tokens, help="max tokens per forward pass")
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
                         help="requests queued beyond the parallel slots before answering 429")
+    parser.add_argument("--flash-attn", default=defaults.flash_attn, choices=["auto", "on", "off"],
+                        help="llama.cpp's flash attention")
     parser.add_argument("--deterministic", action="store_true",
-                        help="bit-identical results for a request whatever else runs with it (flash attention off)")
+                        help="bit-identical results whatever else runs (no prefix cache, flash attention off)")
     parser.add_argument("--energy-meter", default=defaults.energy_meter, choices=["auto", "nvml", "rapl", "estimate"],
                         help="where per-request joules come from (auto: NVML, then RAPL, then a CPU-time estimate)")
     parser.add_argument("--cpu-tdp-w", type=float, default=None,
@@ -33,7 +35,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, ctx=args.ctx, parallel=args.parallel, threads=args.threads,
         batch_tokens=args.batch, max_waiting=args.max_waiting, energy_meter=args.energy_meter,
-        cpu_tdp_w=args.cpu_tdp_w, deterministic=args.deterministic,
+        cpu_tdp_w=args.cpu_tdp_w, flash_attn=args.flash_attn, deterministic=args.deterministic,
     )
 
 

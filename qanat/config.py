@@ -25,7 +25,8 @@ class EngineConfig:
     threads: int = os.cpu_count() or 1
     batch_tokens: int = 512  # the most tokens one forward pass takes (llama.cpp n_batch)
     max_waiting: int = 256  # requests queued beyond the parallel slots before 429
-    deterministic: bool = False  # bit-identical results whatever shares the batch; ~5-10 % slower decode steps
+    flash_attn: str = "auto"  # auto | on | off: llama.cpp's flash attention
+    deterministic: bool = False  # results independent of other traffic: flash attention off, no prefix cache
     energy_meter: str = "auto"  # auto | nvml | rapl | estimate
     cpu_tdp_w: float | None = None  # for the CPU-time estimate; None = from the built-in table
 
@@ -38,6 +39,10 @@ class EngineConfig:
             f"--batch must be between --parallel ({self.parallel}) and 65536, got {self.batch_tokens}",
         )
         _require(0 <= self.max_waiting <= 100_000, f"--max-waiting must be in 0..100000, got {self.max_waiting}")
+        _require(self.flash_attn in ("auto", "on", "off"),
+                 f"--flash-attn must be auto, on or off, got {self.flash_attn!r}")
+        _require(not (self.deterministic and self.flash_attn == "on"),
+                 "--deterministic needs flash attention off: its CPU kernel's numbers depend on the batch")
         _require(self.energy_meter in ("auto", "nvml", "rapl", "estimate"),
                  f"--energy-meter must be auto, nvml, rapl or estimate, got {self.energy_meter!r}")
         _require(self.cpu_tdp_w is None or 1 <= self.cpu_tdp_w <= 2000,

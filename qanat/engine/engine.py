@@ -63,10 +63,15 @@ class Engine:
         self.model = LlamaModel(self.model_path)
         self.executor = LlamaCppExecutor(
             self.model,
-            ContextSettings(config.parallel, config.ctx, config.batch_tokens, config.threads, config.deterministic),
+            ContextSettings(
+                config.parallel, config.ctx, config.batch_tokens, config.threads,
+                # ggml's CPU flash attention picks its loop by shape (tiles for a prompt chunk, a split KV for a
+                # lone sequence's decode past 512 cells): a token's numbers would depend on what shares its pass.
+                flash_attn="off" if config.deterministic else config.flash_attn,
+            ),
         )
         self.context_len = self.executor.slot_capacity
-        self.scheduler = Scheduler(config.parallel, self.context_len, self.executor.n_batch)
+        self.scheduler = Scheduler(config.parallel, self.context_len, self.executor.n_batch, config.deterministic)
         self.chat_template = self._load_chat_template()
         self.energy = EnergyAccountant(open_meter(config.energy_meter, config.cpu_tdp_w))
 

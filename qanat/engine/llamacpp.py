@@ -23,6 +23,12 @@ llama_logger.logger.setLevel(logging.ERROR)  # llama.cpp's load-time chatter, un
 
 _backend_ready = False
 
+_FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
 
 def _init_backend() -> None:
     global _backend_ready
@@ -37,7 +43,7 @@ class ContextSettings:
     slot_capacity: int  # KV cells (tokens) per sequence
     batch_tokens: int  # n_batch = n_ubatch: the most tokens one llama_decode may take
     threads: int
-    deterministic: bool = False  # flash attention off: see EngineConfig.deterministic
+    flash_attn: str = "auto"  # auto | on | off
 
 
 class LlamaModel:
@@ -186,11 +192,7 @@ class LlamaCppExecutor:
         params.n_threads = settings.threads
         params.n_threads_batch = settings.threads
         params.kv_unified = False  # a stream per sequence: measured ~20% faster decode steps at 16 sequences
-        if settings.deterministic:
-            # ggml's CPU flash attention picks tiled or split-KV loops by shape (one sequence alone decodes
-            # with a split KV once it holds 512 cells), so a token's numbers depend on what shares its pass.
-            # The plain attention path measured bit-identical across chunk sizes, batch mates and cache hits.
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ctx:

@@ -8,7 +8,8 @@ Every step, each running request is granted tokens so that `num_computed_tokens`
 of the step's token budget, oldest first. A new request takes a free slot next to the running ones, so their
 seq ids stay consecutive (llama.cpp's pass count depends on it). A slot keeps the KV of its last request when
 that request ends, so a later prompt that starts the same way (a system prompt, a chat history) reuses it,
-either in place or by copying it into the chosen slot: that is the prefix cache.
+either in place or by copying it into the chosen slot: that is the prefix cache. Deterministic mode trades
+batching of prompts and the prefix cache for results that do not depend on other traffic.
 """
 
 from __future__ import annotations
@@ -80,16 +81,18 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, slot_capacity: int, max_batch_tokens: int) -> None:
+    def __init__(self, num_slots: int, slot_capacity: int, max_batch_tokens: int, deterministic: bool = False) -> None:
         if max_batch_tokens < num_slots:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= num_slots ({num_slots})")
         self.slot_capacity = slot_capacity
         self.max_batch_tokens = max_batch_tokens
+        self.deterministic = deterministic
         self.slots = [Slot(seq_id=i) for i in range(num_slots)]
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._pending_ops: list[CacheOp] = []
         self._step = itertools.count(1)
+        self._last_step_decoded = False  # deterministic mode alternates decode and prompt steps
 
     # -- intake --------------------------------------------------------------------------------------
 
@@ -133,10 +136,15 @@ class Scheduler:
     def schedule(self) -> SchedulerPlan:
         step = next(self._step)
         ops, self._pending_ops = self._pending_ops, []
+        chunks = self._schedule_isolated(ops, step) if self.deterministic else self._schedule_mixed(ops, step)
+        for chunk in chunks:
+            self.slots[chunk.seq_id].last_used = step
+        return SchedulerPlan(cache_ops=ops, chunks=chunks)
+
+    def _schedule_mixed(self, ops: list[CacheOp], step: int) -> list[ScheduledChunk]:
+        """Decodes first, one token each, so running streams keep their pace; then prompt chunks, oldest first."""
         chunks: list[ScheduledChunk] = []
         budget = self.max_batch_tokens
-
-        # Decodes first, one token each, so running streams keep their pace; then prompt chunks, oldest first.
         for request in self.running:
             if request.state is RequestState.DECODING:
                 chunks.append(self._chunk(request, 1))
@@ -159,10 +167,30 @@ class Scheduler:
             chunks.append(self._chunk(request, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))
+        return chunks
 
-        for chunk in chunks:
-            self.slots[chunk.seq_id].last_used = step
-        return SchedulerPlan(cache_ops=ops, chunks=chunks)
+    def _schedule_isolated(self, ops: list[CacheOp], step: int) -> list[ScheduledChunk]:
+        """Deterministic mode: a step is every decode, or one prompt chunk alone; the two take turns.
+
+        llama.cpp's kernels give a prompt token slightly different numbers depending on how many tokens share
+        its pass, while decodes (attention without flash) measured bit-identical alone and batched. A prompt
+        always cut the same way (`max_batch_tokens`, then the next), alone in its pass and never started from a
+        cached prefix (see `_admit`), computes exactly what it computes with no other traffic.
+        """
+        decoding = [r for r in self.running if r.state is RequestState.DECODING]
+        if not decoding or self._last_step_decoded:
+            prompt = next((r for r in self.running if r.state is RequestState.PREFILLING), None)
+            if prompt is None and self.waiting and self.num_free_slots > 0:
+                prompt = self.waiting.popleft()
+                op = self._admit(prompt, step)
+                assert op is not None  # admission only waits to reuse a prefix, and this mode reuses none
+                ops.append(op)
+            if prompt is not None:
+                self._last_step_decoded = False
+                n = min(prompt.num_tokens - prompt.num_computed_tokens, self.max_batch_tokens)
+                return [self._chunk(prompt, n)]
+        self._last_step_decoded = bool(decoding)
+        return [self._chunk(r, 1) for r in decoding]
 
     def _chunk(self, request: Request, n: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -181,7 +209,9 @@ class Scheduler:
         waiting for it, then copying, beats computing the same tokens twice (n > 1, shared system prompts).
         """
         prompt = request.prompt_ids
-        max_reuse = len(prompt) - 1  # at least one prompt token must run, to produce logits
+        # At least one prompt token must run, to produce logits. Deterministic mode reuses nothing: a cached
+        # prefix was computed in other chunks than a cold run of this prompt would use.
+        max_reuse = 0 if self.deterministic else len(prompt) - 1
 
         def reusable(slot: Slot) -> int:
             return min(common_prefix_len(prompt, slot.token_ids), max_reuse)

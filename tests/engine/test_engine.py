@@ -29,10 +29,23 @@ PROMPTS = [
 AGREEMENT_TOKENS = 32
 
 
+# A prefix-cache hit computes the rest of its prompt in a smaller chunk than a cold run, and llama.cpp's kernels
+# are not bit-identical across chunk sizes. With flash attention (tiled by shape) a hit's first-token
+# log-probabilities moved by up to 0.19 nats here; without it by at most 0.025 (see docs/architecture.md).
+# So hits are checked on an engine without flash attention, against a cold run, within a tolerance that wrong
+# KV (another sequence's cells, shifted positions) would exceed by whole nats.
+LOGPROB_TOLERANCE = 0.25
+
+
+@pytest.fixture(scope="module")
+def no_flash() -> Iterator[Engine]:
+    eng = Engine(EngineConfig(ctx=1024, parallel=8, threads=2, flash_attn="off"))
+    yield eng
+    eng.shutdown()
+
+
 @pytest.fixture(scope="module")
 def det() -> Iterator[Engine]:
-    """An engine in deterministic mode: a request's numbers do not depend on chunking, batch mates or cache hits,
-    so prefix-cache and batching correctness can be checked bit for bit."""
     eng = Engine(EngineConfig(ctx=1024, parallel=8, threads=2, deterministic=True))
     yield eng
     eng.shutdown()
@@ -70,15 +83,15 @@ def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
         assert len(words) >= 3 and sum(w.isascii() for w in words) / len(words) > 0.8
 
 
-def test_deterministic_mode_is_bit_identical_alone_cached_and_in_a_crowd(det: Engine) -> None:
-    # With flash attention on, these same three runs differ: first-token log-probabilities of a cache hit by
-    # 0.19 nats, a late joiner's from token 27 on (its KV view reaching 512 cells switches the kernel).
+def test_deterministic_mode_is_bit_identical_alone_again_and_in_a_crowd(det: Engine) -> None:
+    # With the default settings these three runs differ: the second is a prefix-cache hit (first-token
+    # log-probabilities 0.19 nats off), the third joins others mid-decode (off from its 27th token).
     params = SamplingParams(temperature=0, max_tokens=32, logprobs=0)
     target = det.tokenize("The water master keeps the count of every share. " * 20)[:230]
     crowd = [chat_ids(det, p) for p in PROMPTS] + [det.tokenize("Tell me everything about water. " * 60)]
 
-    cold = run(collect(det, target, params))
-    cached = run(collect(det, target, params))  # all but its last prompt token come from the prefix cache
+    alone = run(collect(det, target, params))
+    again = run(collect(det, target, params))
 
     async def amid_others() -> list[Delta]:
         async def after(delay: float, ids: list[int]) -> list[Delta]:
@@ -89,8 +102,8 @@ def test_deterministic_mode_is_bit_identical_alone_cached_and_in_a_crowd(det: En
         return (await asyncio.gather(after(0.3, target), *others))[0]  # joins while the others decode
 
     crowded = run(amid_others())
-    assert cached[-1].num_cached_tokens == len(target) - 1
-    assert numbers(cold) == numbers(cached) == numbers(crowded)
+    assert again[-1].num_cached_tokens == 0  # no prefix cache in this mode
+    assert numbers(alone) == numbers(again) == numbers(crowded)
 
 
 def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
@@ -152,39 +165,46 @@ def test_multilingual_stream_is_valid_utf8(engine: Engine, prompt: str) -> None:
     assert any(ord(ch) > 127 for ch in streamed)  # the model answered with non-ASCII text
 
 
-def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(det: Engine) -> None:
-    # In deterministic mode a hit must reproduce the cold run exactly: wrong or shifted KV could not.
+def assert_same_continuation(warm: list[Delta], cold: list[Delta]) -> None:
+    assert tokens_of(warm)[:16] == tokens_of(cold)[:16]
+    warm_top, cold_top = dict(warm[0].logprobs.top), dict(cold[0].logprobs.top)  # type: ignore[union-attr]
+    shared = warm_top.keys() & cold_top.keys()
+    assert len(shared) >= 4, (warm_top, cold_top)  # near-ties may swap in and out of the top 5
+    assert all(abs(warm_top[t] - cold_top[t]) < LOGPROB_TOLERANCE for t in shared), (warm_top, cold_top)
+
+
+def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(no_flash: Engine) -> None:
     system = (
         "You are Qanat's test assistant. You answer briefly, in plain English, without lists. "
         "You know geography, cooking, and the history of irrigation in North Africa, including the "
         "qanats and khettaras that carry water underground from the mountains to oases and fields. "
         "When a question is unclear, you say so. You never invent facts about places."
     )
-    n_system = len(det.chat_prompt_ids([{"role": "system", "content": system}])) - 2
+    n_system = len(no_flash.chat_prompt_ids([{"role": "system", "content": system}])) - 2
     greedy = SamplingParams(temperature=0, max_tokens=48, logprobs=5)
-    first = run(collect(det, chat_ids(det, "What is a khettara?", system), greedy))
+    first = run(collect(no_flash, chat_ids(no_flash, "What is a khettara?", system), greedy))
     assert first[-1].num_cached_tokens < n_system  # this system prompt was never seen before
-    question = chat_ids(det, "Name a city in Morocco.", system)
-    warm = run(collect(det, question, greedy))
+    question = chat_ids(no_flash, "Name a city in Morocco.", system)
+    warm = run(collect(no_flash, question, greedy))
     assert warm[-1].num_cached_tokens >= n_system
 
     # Overwrite every slot with unrelated prompts, so the same question then runs cold.
-    fillers = [chat_ids(det, f"Count from {i} to {i + 3}.") for i in range(det.config.parallel)]
+    fillers = [chat_ids(no_flash, f"Count from {i} to {i + 3}.") for i in range(no_flash.config.parallel)]
 
     async def fill() -> None:
-        await asyncio.gather(*(collect(det, f, SamplingParams(temperature=0, max_tokens=4)) for f in fillers))
+        await asyncio.gather(*(collect(no_flash, f, SamplingParams(temperature=0, max_tokens=4)) for f in fillers))
 
     run(fill())
-    cold = run(collect(det, question, greedy))
+    cold = run(collect(no_flash, question, greedy))
     assert cold[-1].num_cached_tokens < n_system
-    assert numbers(warm) == numbers(cold)
+    assert_same_continuation(warm, cold)
 
     async def concurrent() -> list[list[Delta]]:
-        return await asyncio.gather(*(collect(det, question + [], greedy) for _ in range(3)))
+        return await asyncio.gather(*(collect(no_flash, question + [], greedy) for _ in range(3)))
 
     copies = run(concurrent())
     for c in copies:
-        assert numbers(c) == numbers(cold)
+        assert_same_continuation(c, cold)
     assert all(c[-1].num_cached_tokens >= n_system for c in copies)
 
 

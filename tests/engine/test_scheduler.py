@@ -191,6 +191,31 @@ def test_short_shared_prefix_is_recomputed_not_copied() -> None:
     assert grants(plan)["b"] == (0, MIN_PREFIX_COPY_TOKENS, True)
 
 
+def test_deterministic_mode_runs_prompt_chunks_alone_and_reuses_no_prefix() -> None:
+    sched = Scheduler(num_slots=4, slot_capacity=1024, max_batch_tokens=64, deterministic=True)
+    system = list(range(1, 21))
+    a = make_request("a", system, max_tokens=20)
+    sched.add(a)
+    assert grants(run_step(sched)[0]) == {"a": (0, 20, True)}
+    b = make_request("b", system + list(range(100, 230)), max_tokens=20)  # 150 tokens, a's 20 first
+    c = make_request("c", list(range(300, 310)), max_tokens=20)
+    sched.add(b)
+    sched.add(c)
+    steps = [grants(run_step(sched)[0]) for _ in range(8)]
+    # Decodes and prompt chunks take turns; a prompt chunk is alone in its step, cut at multiples of the budget.
+    assert steps == [
+        {"a": (20, 1, True)},
+        {"b": (0, 64, False)},
+        {"a": (21, 1, True)},
+        {"b": (64, 64, False)},
+        {"a": (22, 1, True)},
+        {"b": (128, 22, True)},
+        {"a": (23, 1, True), "b": (150, 1, True)},
+        {"c": (0, 10, True)},
+    ]
+    assert b.num_cached_tokens == 0  # the mixed policy would have copied a's 20 tokens
+
+
 def test_failed_request_drops_its_kv() -> None:
     sched = Scheduler(num_slots=1, slot_capacity=256, max_batch_tokens=64)
     r = make_request("a", [1, 2, 3], max_tokens=10)
