@@ -16,7 +16,7 @@ from tests.e2e.server import ServerProcess
 PROMPT = "The water master keeps the count of every share. " * 21
 
 
-def test_deterministic_server_answers_alone_cached_and_under_load_identically() -> None:
+def test_deterministic_server_answers_alone_again_and_under_load_identically() -> None:
     srv = ServerProcess("--ctx", "1024", "--parallel", "8", "--deterministic")
     try:
         client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=120)

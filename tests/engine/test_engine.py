@@ -27,8 +27,6 @@ PROMPTS = [
 # Measured: greedy outputs of these 8 prompts batched together equal their single-stream outputs on all
 # 64 tokens we compared (one KV stream per sequence keeps each row's arithmetic the same). We assert 32.
 AGREEMENT_TOKENS = 32
-
-
 # A prefix-cache hit computes the rest of its prompt in a smaller chunk than a cold run, and llama.cpp's kernels
 # are not bit-identical across chunk sizes. With flash attention (tiled by shape) a hit's first-token
 # log-probabilities moved by up to 0.19 nats here; without it by at most 0.025 (see docs/architecture.md).
