@@ -18,7 +18,7 @@ import llama_cpp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qanat.engine.llamacpp import LlamaModel  # noqa: E402
+from qanat.engine.executors.llamacpp import LlamaModel  # noqa: E402
 from qanat.models.locate import default_model_path  # noqa: E402
 
 SLOTS = 16

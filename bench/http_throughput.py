@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.engine_throughput import NEW_TOKENS, fmt, num_requests, summarize  # noqa: E402
 from bench.workload import distinct_prompts  # noqa: E402
 from qanat.bench.loadgen import run_load  # noqa: E402
-from qanat.engine.llamacpp import LlamaModel  # noqa: E402
+from qanat.engine.executors.llamacpp import LlamaModel  # noqa: E402
 from qanat.models.locate import default_model_path  # noqa: E402
 
 

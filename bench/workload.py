@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from qanat.engine.llamacpp import LlamaModel
+from qanat.engine.executors.llamacpp import LlamaModel
 
 SENTENCES = [
     "The qanat carries water from the foothills to the oasis through a gently sloping tunnel.",

@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from qanat.config import ConfigError, EngineConfig, ServerConfig
+from qanat.config import FLASH_ATTN_MODES, ConfigError, EngineConfig, ServerConfig
 from qanat.energy.carbon import CarbonModel
+from qanat.energy.meters import METER_KINDS
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +22,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=defaults.batch_tokens, help="max tokens per forward pass")
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
                         help="requests queued beyond the parallel slots before answering 429")
-    parser.add_argument("--flash-attn", default=defaults.flash_attn, choices=["auto", "on", "off"],
+    parser.add_argument("--flash-attn", default=defaults.flash_attn, choices=FLASH_ATTN_MODES,
                         help="llama.cpp's flash attention")
     parser.add_argument("--deterministic", action="store_true",
                         help="bit-identical results whatever else runs (no prefix cache, flash attention off)")
-    parser.add_argument("--energy-meter", default=defaults.energy_meter, choices=["auto", "nvml", "rapl", "estimate"],
+    parser.add_argument("--energy-meter", default=defaults.energy_meter, choices=METER_KINDS,
                         help="where per-request joules come from (auto: NVML, then RAPL, then a CPU-time estimate)")
     parser.add_argument("--cpu-tdp-w", type=float, default=None,
                         help="CPU package TDP in watts for the estimate (default: from a built-in table)")
@@ -40,18 +41,18 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from qanat.engine.engine import Engine
-    from qanat.engine.types import SamplingParams
+    from qanat.build import build_llamacpp_engine
+    from qanat.engine.client import ChatPrompt, Prompt, TextPrompt
+    from qanat.engine.sampling import SamplingParams
 
-    engine = Engine(_engine_config(args))
+    engine = build_llamacpp_engine(_engine_config(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
-    prompt_ids = (
-        engine.tokenize(args.prompt) if args.raw
-        else engine.chat_prompt_ids([{"role": "user", "content": args.prompt}])
+    prompt: Prompt = (
+        TextPrompt(args.prompt) if args.raw else ChatPrompt(({"role": "user", "content": args.prompt},))
     )
 
     async def run() -> None:
-        async for delta in engine.generate(prompt_ids, params):
+        async for delta in engine.generate(prompt, params):
             print(delta.text, end="", flush=True)
         print()
 
@@ -63,7 +64,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from qanat.server.run import serve
+    from qanat.serving.run import serve
 
     keys = list(args.api_key or [])
     keys += [k.strip() for k in os.environ.get("QANAT_API_KEYS", "").split(",") if k.strip()]

@@ -6,6 +6,9 @@ import os
 from dataclasses import dataclass, field
 
 from qanat.energy.carbon import CarbonModel
+from qanat.energy.meters import METER_KINDS
+
+FLASH_ATTN_MODES = ("auto", "on", "off")  # llama.cpp's flash attention
 
 
 class ConfigError(ValueError):
@@ -39,12 +42,12 @@ class EngineConfig:
             f"--batch must be between --parallel ({self.parallel}) and 65536, got {self.batch_tokens}",
         )
         _require(0 <= self.max_waiting <= 100_000, f"--max-waiting must be in 0..100000, got {self.max_waiting}")
-        _require(self.flash_attn in ("auto", "on", "off"),
-                 f"--flash-attn must be auto, on or off, got {self.flash_attn!r}")
+        _require(self.flash_attn in FLASH_ATTN_MODES,
+                 f"--flash-attn must be one of {', '.join(FLASH_ATTN_MODES)}, got {self.flash_attn!r}")
         _require(not (self.deterministic and self.flash_attn == "on"),
                  "--deterministic needs flash attention off: its CPU kernel's numbers depend on the batch")
-        _require(self.energy_meter in ("auto", "nvml", "rapl", "estimate"),
-                 f"--energy-meter must be auto, nvml, rapl or estimate, got {self.energy_meter!r}")
+        _require(self.energy_meter in METER_KINDS,
+                 f"--energy-meter must be one of {', '.join(METER_KINDS)}, got {self.energy_meter!r}")
         _require(self.cpu_tdp_w is None or 1 <= self.cpu_tdp_w <= 2000,
                  f"--cpu-tdp-w must be between 1 and 2000 W, got {self.cpu_tdp_w}")
 
@@ -63,3 +66,18 @@ class ServerConfig:
         _require(all(self.api_keys), "API keys must not be empty strings")
         _require(self.max_body_bytes >= 1024, f"max body size must be >= 1024 bytes, got {self.max_body_bytes}")
         _require(self.drain_timeout_s >= 0, f"drain timeout must be >= 0, got {self.drain_timeout_s}")
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What start-up learnt, apart from the config that asked for it."""
+
+    model_id: str  # the name clients send as "model"
+    model_path: str
+    context_length: int  # tokens per request (prompt plus output) that the KV cache actually holds
+    num_slots: int
+    batch_tokens: int  # the most tokens one step carries
+    n_vocab: int
+    eog_ids: frozenset[int]
+    chip: str
+    energy_source: str

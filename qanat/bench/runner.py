@@ -76,7 +76,7 @@ def _resolve_model(config: BenchConfig) -> str:
 def _tokenizer(config: BenchConfig, model_id: str) -> Tokenizer | None:
     if config.tokenizer == "none":
         return None
-    from qanat.engine.llamacpp import LlamaModel
+    from qanat.engine.executors.llamacpp import LlamaModel
     from qanat.models.locate import DEFAULT_MODEL_ID, default_model_path
 
     if config.tokenizer == "auto":

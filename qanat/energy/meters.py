@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
+METER_KINDS = ("auto", "nvml", "rapl", "estimate")  # what --energy-meter accepts
 
 # (substring of /proc/cpuinfo's "model name", package TDP in watts, cores per package), first match wins.
 # Typical mid-range parts of each family; a VM's cpuinfo shows its vCPUs, not the package, so the core
@@ -107,7 +108,7 @@ class CpuTimeEstimateMeter:
     source = "estimated:cpu-time"
 
     def __init__(self, tdp_w: float | None = None, cores: int | None = None) -> None:
-        self.cpu_model = _cpu_model()
+        self.cpu_model = cpu_model()
         table_tdp_w, table_cores = _tdp_for(self.cpu_model)
         self.tdp_w = tdp_w if tdp_w is not None else table_tdp_w
         # A package's TDP is spread over all of its cores; a VM or container owns only some of them.
@@ -120,7 +121,8 @@ class CpuTimeEstimateMeter:
         return (time.process_time() - self._start_cpu_s) * self.watts_per_busy_core
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or "unknown"."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -180,4 +182,4 @@ def open_meter(kind: str = "auto", tdp_w: float | None = None, powercap_root: Pa
                 raise
     if kind in ("auto", "estimate"):
         return CpuTimeEstimateMeter(tdp_w)
-    raise ValueError(f"--energy-meter must be auto, nvml, rapl or estimate, got {kind!r}")
+    raise ValueError(f"--energy-meter must be one of {', '.join(METER_KINDS)}, got {kind!r}")

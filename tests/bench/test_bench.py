@@ -111,7 +111,7 @@ def test_cli_reports_bad_arguments_clearly(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_workload_lengths_and_languages() -> None:
-    from qanat.engine.llamacpp import LlamaModel
+    from qanat.engine.executors.llamacpp import LlamaModel
     from qanat.models.locate import default_model_path
 
     tokenizer = LlamaModel(default_model_path(), vocab_only=True)

@@ -2,7 +2,7 @@
 
 Pure bookkeeping, no llama.cpp: testable with hand-written sampled tokens.
 
-The KV cache is split into `num_slots` sequences (llama.cpp seq ids) of `slot_capacity` cells each.
+The KV cache is split into `num_slots` sequences (llama.cpp seq ids) of `context_length` cells each.
 Every step, each running request is granted tokens so that `num_computed_tokens` catches up with
 `num_tokens`: decoding requests get one token, prefilling ones a chunk of their prompt from what is left
 of the step's token budget, oldest first. A new request takes a free slot next to the running ones, so their
@@ -19,7 +19,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from qanat.engine.types import FinishReason, Request, RequestState
+from qanat.engine.client import FinishReason
+from qanat.engine.core.request import Request, RequestState
+from qanat.engine.executors.base import CacheOp
 
 # A prefix copy moves a whole sequence's KV buffer; below this many shared tokens recomputing is cheaper.
 MIN_PREFIX_COPY_TOKENS = 16
@@ -31,15 +33,6 @@ class Slot:
     token_ids: list[int] = field(default_factory=list)  # tokens whose KV this sequence holds, from pos 0
     request: Request | None = None
     last_used: int = 0  # step counter, for least-recently-used eviction of a free slot's cached prefix
-
-
-@dataclass(frozen=True)
-class CacheOp:
-    """Prepare a sequence before the batch: optionally copy another sequence's KV, then keep `keep` tokens."""
-
-    seq_id: int
-    keep: int
-    copy_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +48,7 @@ class ScheduledChunk:
 class SchedulerPlan:
     cache_ops: list[CacheOp]  # applied in order, before the batch
     chunks: list[ScheduledChunk]
+    admitted: list[Request]  # given a slot in this step: the executor prepares their samplers
 
     @property
     def num_tokens(self) -> int:
@@ -81,13 +75,15 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, slot_capacity: int, max_batch_tokens: int, deterministic: bool = False) -> None:
+    def __init__(self, num_slots: int, context_length: int, max_batch_tokens: int, deterministic: bool = False) -> None:
         if max_batch_tokens < num_slots:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= num_slots ({num_slots})")
-        self.slot_capacity = slot_capacity
+        self.num_slots = num_slots
+        self.context_length = context_length
         self.max_batch_tokens = max_batch_tokens
         self.deterministic = deterministic
         self.slots = [Slot(seq_id=i) for i in range(num_slots)]
+        self._slot_by_seq_id = {slot.seq_id: slot for slot in self.slots}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._pending_ops: list[CacheOp] = []
@@ -98,7 +94,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         """Queue a request; the engine has already checked its size and the queue's bound."""
-        assert request.num_prompt_tokens + request.max_tokens <= self.slot_capacity
+        assert request.num_prompt_tokens + request.max_tokens <= self.context_length
         self.waiting.append(request)
 
     def finish(self, request: Request, reason: FinishReason) -> None:
@@ -109,7 +105,8 @@ class Scheduler:
             self.waiting.remove(request)
         else:
             self.running.remove(request)
-            slot = self.slots[request.slot]  # type: ignore[index]
+            assert request.slot is not None
+            slot = self._slot_by_seq_id[request.slot]
             slot.request = None
             if reason is FinishReason.ERROR:  # the sequence's KV may be half-written: drop it
                 slot.token_ids = []
@@ -129,17 +126,27 @@ class Scheduler:
     def kv_usage(self) -> float:
         """Fraction of KV cells held by running requests (cached prefixes of free slots not counted)."""
         used = sum(len(s.token_ids) for s in self.slots if s.request is not None)
-        return used / (self.slot_capacity * len(self.slots))
+        return used / (self.context_length * len(self.slots))
 
     # -- policy --------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerPlan:
         step = next(self._step)
         ops, self._pending_ops = self._pending_ops, []
+        num_running = len(self.running)
         chunks = self._schedule_isolated(ops, step) if self.deterministic else self._schedule_mixed(ops, step)
         for chunk in chunks:
-            self.slots[chunk.seq_id].last_used = step
-        return SchedulerPlan(cache_ops=ops, chunks=chunks)
+            self._slot_by_seq_id[chunk.seq_id].last_used = step
+        return SchedulerPlan(cache_ops=ops, chunks=chunks, admitted=self.running[num_running:])
+
+    def forget_cache(self) -> None:
+        """The executor lost every sequence's KV (it restarted): no slot holds a prefix any more.
+
+        Running requests must have been finished first."""
+        assert not self.running, "finish the running requests before forgetting their KV"
+        self._pending_ops = []
+        for slot in self.slots:
+            slot.token_ids = []
 
     def _schedule_mixed(self, ops: list[CacheOp], step: int) -> list[ScheduledChunk]:
         """Decodes first, one token each, so running streams keep their pace; then prompt chunks, oldest first."""
@@ -249,36 +256,39 @@ class Scheduler:
     def _new_runs(self, seq_id: int) -> int:
         """How the number of runs of consecutive running seq ids changes if `seq_id` starts running: -1..1."""
         def running(i: int) -> bool:
-            return 0 <= i < len(self.slots) and self.slots[i].request is not None
+            slot = self._slot_by_seq_id.get(i)
+            return slot is not None and slot.request is not None
 
         return 1 - running(seq_id - 1) - running(seq_id + 1)
 
     # -- results -------------------------------------------------------------------------------------
 
-    def update(self, plan: SchedulerPlan, sampled: dict[str, int]) -> list[StepOutput]:
-        """Record what the step computed and sampled; finish requests on stop tokens and length."""
+    def update(self, plan: SchedulerPlan, sampled: dict[str, int],
+               stop_string_hits: frozenset[str] = frozenset()) -> list[StepOutput]:
+        """Record what the step computed and sampled, and finish requests: every reason a request ends on its
+        own is decided here (stop token, end of generation, a stop string its text reached, length)."""
         outputs: list[StepOutput] = []
         for chunk in plan.chunks:
             request = chunk.request
-            if request.is_finished:  # cancelled while the step ran
+            if request.is_finished:  # ended during the step: the executor refused it, or its pass failed
                 continue
             request.num_computed_tokens += len(chunk.token_ids)
-            self.slots[chunk.seq_id].token_ids.extend(chunk.token_ids)
+            self._slot_by_seq_id[chunk.seq_id].token_ids.extend(chunk.token_ids)
             if not chunk.needs_logits:
                 outputs.append(StepOutput(request, None, False))
                 continue
             token = sampled[request.request_id]
             request.output_ids.append(token)
             request.state = RequestState.DECODING
-            reason = self._finish_reason(request, token)
+            reason = self._finish_reason(request, token, request.request_id in stop_string_hits)
             if reason is not None:
                 self.finish(request, reason)
             outputs.append(StepOutput(request, token, reason is not None))
         return outputs
 
     @staticmethod
-    def _finish_reason(request: Request, token: int) -> FinishReason | None:
-        if token in request.params.stop_token_ids:
+    def _finish_reason(request: Request, token: int, hit_stop_string: bool) -> FinishReason | None:
+        if token in request.params.stop_token_ids or hit_stop_string:
             return FinishReason.STOP
         if token in request.eog_ids and not request.params.ignore_eos:
             return FinishReason.STOP

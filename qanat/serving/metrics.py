@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from qanat.engine.engine import Engine
+from qanat.engine.client import EngineClient
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
 
@@ -16,15 +16,23 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60,
 class _EngineCollector(Collector):
     """Reads the engine's live state at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
         stats = self.engine.stats()
-        yield GaugeMetricFamily("qanat_num_requests_running", "Requests holding a KV slot", stats.num_running)
-        yield GaugeMetricFamily("qanat_num_requests_waiting", "Requests queued for a slot", stats.num_waiting)
+        load = stats.load
+        yield GaugeMetricFamily("qanat_num_requests_running", "Requests holding a KV slot", load.num_running)
+        yield GaugeMetricFamily("qanat_num_requests_waiting", "Requests queued for a slot", load.num_waiting)
         yield GaugeMetricFamily("qanat_kv_cache_usage_ratio", "Fraction of KV cells held by running requests",
-                                stats.kv_usage)
+                                load.kv_usage)
+        yield CounterMetricFamily("qanat_executor_restarts", "Executor processes restarted after dying",
+                                  stats.executor_restarts)
+        yield CounterMetricFamily("qanat_engine_steps", "Engine steps run", stats.steps)
+        yield CounterMetricFamily("qanat_engine_step_seconds", "Wall time of engine steps, executor included",
+                                  stats.step_s)
+        yield CounterMetricFamily("qanat_executor_boundary_seconds",
+                                  "Of the step time: crossing the executor's process boundary", stats.boundary_s)
         yield CounterMetricFamily("qanat_prefix_cache_hit_tokens", "Prompt tokens reused from the prefix cache",
                                   stats.prefix_cache_hit_tokens)
         yield CounterMetricFamily("qanat_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
@@ -42,7 +50,7 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineClient) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
         r = self.registry

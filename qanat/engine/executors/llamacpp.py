@@ -1,7 +1,9 @@
 """The llama.cpp executor: one model, one context, one batch per step, one sample per decoding request.
 
-Everything here goes through llama.cpp's C API (via llama-cpp-python's ctypes bindings), so the same code
-runs on CPU, CUDA, Metal or Vulkan builds of the library.
+The only module of Qanat's engine that imports llama.cpp. Everything goes through llama.cpp's C API (via
+llama-cpp-python's ctypes bindings), so the same code runs on CPU, CUDA, Metal or Vulkan builds of the library.
+`LlamaCppSpec` is what a child process needs to build the executor (`process.py`); `LlamaTokenizer` loads the
+vocabulary alone, for the caller's side of the boundary.
 """
 
 from __future__ import annotations
@@ -9,15 +11,28 @@ from __future__ import annotations
 import ctypes
 import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import llama_cpp._logger as llama_logger
 import numpy as np
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from qanat.engine.scheduler import SchedulerPlan
-from qanat.engine.types import InvalidRequestError, SampledLogprobs, SamplingParams
+from qanat.energy.meters import cpu_model, open_meter
+from qanat.engine.errors import InvalidRequestError
+from qanat.engine.executors.base import (
+    ExecutorFacts,
+    ExecutorStartError,
+    Refusal,
+    SampledLogprobs,
+    StepBatch,
+    StepMeter,
+    StepResult,
+)
+from qanat.engine.sampling import ConstraintKind, OutputConstraint, SamplingParams
 
 llama_logger.logger.setLevel(logging.ERROR)  # llama.cpp's load-time chatter, unless it is an error
 
@@ -28,6 +43,11 @@ _FLASH_ATTN = {
     "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
+
+
+def _cpu_has_amx() -> bool:
+    _init_backend()
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
 def _init_backend() -> None:
@@ -49,11 +69,16 @@ class ContextSettings:
 class LlamaModel:
     """Weights, vocabulary and tokenizer. Thread-safe for tokenizing: it reads only the vocabulary."""
 
+    ptr: Any  # llama_model_p, None once closed
+
     def __init__(self, path: Path, vocab_only: bool = False) -> None:
         _init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = -1  # every layer on the accelerator when the build has one; ignored on CPU
         params.vocab_only = vocab_only  # a tokenizer alone (qanat bench) needs no weights
+        # ggml's AMX matmul (built in by GGML_NATIVE on CPUs that have AMX) segfaulted in the first llama_decode
+        # on this project's Sapphire Rapids machines; without the extra buffer types the AVX-512 kernels run.
+        params.use_extra_bufts = not _cpu_has_amx()
         self.path = path
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
@@ -115,6 +140,45 @@ class LlamaModel:
         return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
 
 
+class LlamaTokenizer:
+    """The vocabulary alone (no weights, no context): tokenizing on the caller's side of the process boundary."""
+
+    def __init__(self, path: Path) -> None:
+        self.model = LlamaModel(path, vocab_only=True)
+        self.n_vocab = self.model.n_vocab
+        self.eog_ids = self.model.eog_ids
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.model.tokenize(text, add_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.model.token_bytes(token_id)
+
+    def chat_template(self) -> tuple[str, str, str] | None:
+        source = self.model.metadata("tokenizer.chat_template")
+        if source is None:
+            return None
+        model = self.model
+        bos = model.token_text(model.bos_id) if model.bos_id >= 0 else ""
+        eos = model.token_text(model.eos_id) if model.eos_id >= 0 else ""
+        return source, bos, eos
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def constraint_grammar(constraint: OutputConstraint) -> str:
+    """The GBNF grammar (root rule "root") that enforces a constraint."""
+    if constraint.kind is ConstraintKind.JSON_OBJECT:
+        return JSON_GBNF
+    if constraint.kind is ConstraintKind.GRAMMAR:
+        return constraint.spec or ""
+    try:
+        return json_schema_to_gbnf(constraint.spec or "{}")
+    except Exception as e:  # the converter raises assorted errors on schemas it cannot express
+        raise InvalidRequestError(f"unsupported JSON schema: {e}", param="response_format") from e
+
+
 class RequestSampler:
     """A llama.cpp sampler chain for one request. Built from vocabulary alone, so any thread may build it."""
 
@@ -139,11 +203,17 @@ class RequestSampler:
                 *(llama_cpp.llama_logit_bias(token=t, bias=b) for t, b in bias.items())
             )
             self._add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(bias), entries))
-        if params.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, params.grammar.encode(), b"root")
+        if params.constraint is not None:
+            try:
+                gbnf = constraint_grammar(params.constraint)
+            except InvalidRequestError:
+                self.close()
+                raise
+            grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
             if not grammar:
                 self.close()
-                raise InvalidRequestError("the grammar does not parse", param="grammar")
+                param = "grammar" if params.constraint.kind is ConstraintKind.GRAMMAR else "response_format"
+                raise InvalidRequestError("the grammar does not parse", param=param)
             self._add(grammar)
         if (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0):
             self._add(llama_cpp.llama_sampler_init_penalties(
@@ -173,16 +243,24 @@ class RequestSampler:
 
 
 @dataclass(frozen=True)
-class StepResult:
-    sampled: dict[str, int]  # request_id -> next token
-    logprobs: dict[str, SampledLogprobs]  # only for requests that asked
+class LlamaCppSpec:
+    """Everything a process needs to build the executor; picklable."""
+
+    model_path: Path
+    settings: ContextSettings
+    energy_meter: str = "auto"
+    cpu_tdp_w: float | None = None
+
+    def create(self) -> LlamaCppExecutor:
+        return LlamaCppExecutor(self)
 
 
 class LlamaCppExecutor:
-    """Owns the llama_context and the batch buffers; runs one plan per call, on the engine thread only."""
+    """Owns the model, the llama_context and the batch buffers; runs one batch per call, from one thread."""
 
-    def __init__(self, model: LlamaModel, settings: ContextSettings) -> None:
-        self.model = model
+    def __init__(self, spec: LlamaCppSpec) -> None:
+        settings = spec.settings
+        self.model = model = LlamaModel(spec.model_path)
         self.settings = settings
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = settings.num_slots * settings.slot_capacity
@@ -198,8 +276,13 @@ class LlamaCppExecutor:
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context (out of memory?)")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
-        self.slot_capacity = llama_cpp.llama_n_ctx_seq(self.ctx)  # what llama.cpp actually allocated
+        self.context_length = llama_cpp.llama_n_ctx_seq(self.ctx)  # what llama.cpp actually allocated
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
+        self.meter = StepMeter(open_meter(spec.energy_meter, spec.cpu_tdp_w))
+        self.facts = ExecutorFacts(
+            context_length=self.context_length, num_slots=settings.num_slots, batch_tokens=self.n_batch,
+            chip=_chip(settings.threads), energy_source=self.meter.meter.source,
+        )
 
         # The batch lives in numpy arrays that llama_batch points into: filling it is a few slice copies.
         n = self.n_batch
@@ -223,6 +306,13 @@ class LlamaCppExecutor:
             logits=self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
         )
         self.samplers: dict[str, RequestSampler] = {}
+        self.restarts = 0
+
+    def is_alive(self) -> bool:
+        return self.ctx is not None
+
+    def restart(self) -> None:
+        raise ExecutorStartError("an in-process llama.cpp executor cannot restart; run it in a ProcessExecutor")
 
     def close(self) -> None:
         for sampler in self.samplers.values():
@@ -231,20 +321,34 @@ class LlamaCppExecutor:
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
+        self.model.close()
 
-    def release(self, request_id: str) -> None:
-        sampler = self.samplers.pop(request_id, None)
-        if sampler is not None:
-            sampler.close()
+    def execute(self, batch: StepBatch) -> StepResult:
+        start_s = time.perf_counter()
+        idle_j = self.meter.begin()
+        for request_id in batch.released:
+            sampler = self.samplers.pop(request_id, None)
+            if sampler is not None:
+                sampler.close()
+        refused: dict[str, Refusal] = {}
+        for request_id, params in batch.new_requests:
+            try:
+                self.samplers[request_id] = RequestSampler(self.model, params, penalty_window=self.context_length)
+            except InvalidRequestError as e:
+                refused[request_id] = Refusal(str(e), e.param)
+        sampled, logprobs = self._run(batch, refused)
+        return StepResult(sampled, logprobs, refused, self.meter.end(idle_j), time.perf_counter() - start_s)
 
-    def execute(self, plan: SchedulerPlan) -> StepResult:
-        for op in plan.cache_ops:
+    def _run(self, batch: StepBatch, refused: dict[str, Refusal]
+             ) -> tuple[dict[str, int], dict[str, SampledLogprobs]]:
+        for op in batch.cache_ops:
             if op.copy_from is not None:
                 # Across streams llama.cpp copies whole sequences only; the tail is trimmed just below.
                 llama_cpp.llama_memory_seq_cp(self.memory, op.copy_from, op.seq_id, -1, -1)
             llama_cpp.llama_memory_seq_rm(self.memory, op.seq_id, op.keep, -1)
-        if not plan.chunks:
-            return StepResult({}, {})
+        chunks = [c for c in batch.chunks if c.request_id not in refused]
+        if not chunks:
+            return {}, {}
 
         tokens: list[int] = []
         positions: list[int] = []
@@ -253,13 +357,13 @@ class LlamaCppExecutor:
         # Sequence order matters: with a stream per sequence llama.cpp splits the batch into one pass per run
         # of consecutive seq ids, in batch order. Sorted, 16 decodes take one pass (≈100 ms here), not up
         # to 16 (≈150 ms shuffled).
-        for chunk in sorted(plan.chunks, key=lambda c: c.seq_id):
+        for chunk in sorted(chunks, key=lambda c: c.seq_id):
             n = len(chunk.token_ids)
             tokens += chunk.token_ids
             positions += range(chunk.start_pos, chunk.start_pos + n)
             seq_ids += [chunk.seq_id] * n
             if chunk.needs_logits:
-                sample_at.append((chunk.request.request_id, len(tokens) - 1))
+                sample_at.append((chunk.request_id, len(tokens) - 1))
         n_tokens = len(tokens)
         # More than n_batch tokens, or sampling where no logits were asked for, aborts the whole process.
         if n_tokens > self.n_batch:
@@ -288,7 +392,13 @@ class LlamaCppExecutor:
             else:
                 token = llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, index)
             sampled[request_id] = token
-        return StepResult(sampled, logprobs)
+        return sampled, logprobs
+
+
+def _chip(threads: int) -> str:
+    if llama_cpp.llama_supports_gpu_offload():
+        return f"llama.cpp with GPU offload; host cpu: {cpu_model()}"
+    return f"cpu: {cpu_model()} ({threads} threads)"
 
 
 def _logprobs(logits: np.ndarray, token_id: int, k: int) -> SampledLogprobs:

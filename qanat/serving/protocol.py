@@ -1,14 +1,31 @@
-"""OpenAI protocol: request bodies (validated by pydantic) and their translation to engine types."""
+"""OpenAI protocol: request bodies (validated by pydantic) and their translation to engine types.
+
+Numeric bounds come from `qanat.engine.sampling.LIMITS`, the one table the engine checks too.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Annotated, Any, Literal
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from qanat.engine.types import InvalidRequestError, SamplingParams
+from qanat.engine.client import ChatPrompt, Prompt, TextPrompt, TokenPrompt
+from qanat.engine.errors import InvalidRequestError
+from qanat.engine.sampling import LIMITS, ConstraintKind, OutputConstraint, SamplingParams
+
+
+def _bounded(name: str) -> Any:
+    """pydantic Field bounds for a parameter, from LIMITS."""
+    limit = LIMITS[name]
+    if limit.lo_open:
+        return Field(gt=limit.lo, le=limit.hi)
+    return Field(ge=limit.lo, le=limit.hi)
+
+
+def _int_bounded(name: str) -> Any:
+    limit = LIMITS[name]
+    return Field(ge=int(limit.lo), le=int(limit.hi))
 
 
 class TextPart(BaseModel):
@@ -48,25 +65,28 @@ class _CommonRequest(BaseModel):
 
     model: StrictStr
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    temperature: Annotated[float, _bounded("temperature")] | None = None
+    top_p: Annotated[float, _bounded("top_p")] | None = None
+    n: Annotated[int, _int_bounded("n")] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=16)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=int(LIMITS["stop"].hi))] | None = None
+    presence_penalty: Annotated[float, _bounded("presence_penalty")] = 0.0
+    frequency_penalty: Annotated[float, _bounded("frequency_penalty")] = 0.0
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    logit_bias: dict[StrictStr, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[StrictStr, Annotated[float, _bounded("logit_bias")]] | None = None
     user: StrictStr | None = None
     # Extensions, as in vLLM and llama.cpp's server.
     top_k: Annotated[int, Field(ge=-1)] | None = None
-    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    min_p: Annotated[float, _bounded("min_p")] | None = None
+    repetition_penalty: Annotated[float, _bounded("repetition_penalty")] | None = None
     ignore_eos: bool = False
-    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
+    stop_token_ids: Annotated[
+        list[Annotated[int, Field(ge=0)]], Field(max_length=int(LIMITS["stop_token_ids"].hi))
+    ] | None = None
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None, grammar: str | None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None,
+                  constraint: OutputConstraint | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         bias: list[tuple[int, float]] = []
         for key, value in (self.logit_bias or {}).items():
@@ -88,7 +108,7 @@ class _CommonRequest(BaseModel):
             stop_token_ids=tuple(self.stop_token_ids or ()),
             logit_bias=tuple(bias),
             logprobs=logprobs,
-            grammar=grammar,
+            constraint=constraint,
         )
 
     @property
@@ -100,41 +120,49 @@ class ChatCompletionRequest(_CommonRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, _int_bounded("logprobs")] | None = None
     response_format: ResponseFormat | None = None
 
     def sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(self.max_completion_tokens or self.max_tokens, logprobs, self._grammar())
+        return self._sampling(self.max_completion_tokens or self.max_tokens, logprobs, self._constraint())
 
-    def _grammar(self) -> str | None:
+    def _constraint(self) -> OutputConstraint | None:
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
         if fmt.type == "json_object":
-            return JSON_GBNF
+            return OutputConstraint(ConstraintKind.JSON_OBJECT)
         if fmt.json_schema is None:
             raise InvalidRequestError("response_format json_schema needs a 'json_schema' object",
                                       param="response_format")
-        try:
-            return json_schema_to_gbnf(json.dumps(fmt.json_schema.schema_))
-        except Exception as e:  # the converter raises assorted errors on schemas it cannot express
-            raise InvalidRequestError(f"unsupported JSON schema: {e}", param="response_format") from e
+        return OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(fmt.json_schema.schema_))
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def prompts(self) -> list[Prompt]:
         # "developer" is OpenAI's newer name for "system"; templates only know the latter.
-        return [
+        messages = tuple(
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
-        ]
+        )
+        return [ChatPrompt(messages)]
 
 
 class CompletionRequest(_CommonRequest):
     prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | Annotated[
         list[StrictStr], Field(min_length=1, max_length=64)
     ]
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    logprobs: Annotated[int, _int_bounded("logprobs")] | None = None
     echo: bool = False
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
 
     def sampling_params(self) -> SamplingParams:
+        if self.echo:
+            raise InvalidRequestError("echo is not supported", param="echo")
         return self._sampling(self.max_tokens, self.logprobs, None)
+
+    def prompts(self) -> list[Prompt]:
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [TextPrompt(prompt)]
+        if isinstance(prompt[0], int):
+            return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
+        return [TextPrompt(p) for p in prompt]  # type: ignore[misc]

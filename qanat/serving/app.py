@@ -1,24 +1,23 @@
-"""The app factory: routes, auth, body limit, draining, health and metrics around one engine."""
+"""The app factory: routes, auth, body limit, draining, health and metrics around one EngineClient."""
 
 from __future__ import annotations
 
 import hmac
 import json
-import time
+from collections.abc import Awaitable, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qanat import __version__
 from qanat.config import ServerConfig
-from qanat.engine.engine import Engine
-from qanat.server.errors import error_response, install_error_handlers
-from qanat.server.metrics import ServerMetrics
-from qanat.server.routes import router
-
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json")
+from qanat.engine.client import EngineClient
+from qanat.serving.errors import UnauthorizedError, error_response, install_error_handlers
+from qanat.serving.metrics import ServerMetrics
+from qanat.serving.routes import router as openai_router
+from qanat.serving.state import AppState, Gateway, app_state
 
 
 class _BodyTooLargeError(Exception):
@@ -29,11 +28,10 @@ class GatewayMiddleware:
     """For /v1/: counts in-flight requests (for draining) and requests by status, refuses new work while
     draining, caps body size. Plain ASGI, so streamed responses pass through without extra buffering."""
 
-    def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, int | bool],
-                 metrics: ServerMetrics) -> None:
+    def __init__(self, app: ASGIApp, config: ServerConfig, gateway: Gateway, metrics: ServerMetrics) -> None:
         self.app = app
         self.config = config
-        self.state = state
+        self.gateway = gateway
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -55,7 +53,7 @@ class GatewayMiddleware:
             self.metrics.requests.labels(route, str(status)).inc()
 
     async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.state["draining"]:
+        if self.gateway.draining:
             draining = error_response(503, "the server is shutting down", "server_error", code="draining",
                                       headers={"Retry-After": "5"})
             await draining(scope, receive, send)
@@ -81,22 +79,22 @@ class GatewayMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        self.state["in_flight"] += 1
+        self.gateway.in_flight += 1
         try:
             await self.app(scope, counted_receive, watched_send)
         except _BodyTooLargeError:
             if not started:
                 await _too_large(limit)(scope, receive, send)
         finally:
-            self.state["in_flight"] -= 1
+            self.gateway.in_flight -= 1
 
 
 def _too_large(limit: int) -> JSONResponse:
     return error_response(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
 
 
-
-def _auth_dependency(keys: tuple[str, ...]):  # type: ignore[no-untyped-def]
+def require_api_key(keys: tuple[str, ...]) -> Callable[[Request], Awaitable[None]]:
+    """The one auth dependency, on every route but /health and /ready."""
     encoded = [k.encode() for k in keys]
 
     async def check(request: Request) -> None:
@@ -109,53 +107,63 @@ def _auth_dependency(keys: tuple[str, ...]):  # type: ignore[no-untyped-def]
         for key in encoded:
             matched |= hmac.compare_digest(token.strip().encode(), key)
         if scheme.lower() != "bearer" or not matched:
-            raise _Unauthorized()
+            raise UnauthorizedError()
 
     return check
 
 
-class _Unauthorized(Exception):
-    pass
+def _probes() -> APIRouter:
+    probes = APIRouter()
 
-
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="Qanat", version=__version__, description="OpenAI-compatible inference server")
-    app.state.engine = engine
-    app.state.metrics = ServerMetrics(engine)
-    app.state.started_at = int(time.time())
-    app.state.gateway = {"in_flight": 0, "draining": False}
-    app.state.carbon = config.carbon
-    install_error_handlers(app)
-
-    @app.exception_handler(_Unauthorized)
-    async def _unauthorized(_: Request, __: _Unauthorized) -> JSONResponse:
-        return error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                              "invalid_request_error", code="invalid_api_key")
-
-    app.include_router(router, dependencies=[Depends(_auth_dependency(config.api_keys))])
-
-    @app.get("/health")
+    @probes.get("/health")
     async def health() -> dict[str, str]:
+        """The process is up (liveness)."""
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        if app.state.gateway["draining"]:
+    @probes.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """It can take work now (readiness): not draining, and the engine has a live executor."""
+        state = app_state(request)
+        if state.gateway.draining:
             return error_response(503, "the server is draining", "server_error", code="draining")
-        return JSONResponse({"status": "ready", "model": engine.model_id})
+        health = state.engine.health()
+        if not health.ready:
+            return error_response(503, f"the engine is not ready: {health.detail}", "server_error",
+                                  code="engine_unavailable", headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready", "model": state.engine.card.id, "restarts": health.restarts,
+                             "executor_pid": health.executor_pid})
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return probes
 
-    app.add_middleware(GatewayMiddleware, config=config, state=app.state.gateway, metrics=app.state.metrics)
+
+def _metrics_route() -> APIRouter:
+    metrics = APIRouter()
+
+    @metrics.get("/metrics")
+    async def scrape(request: Request) -> Response:
+        return Response(generate_latest(app_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="Qanat", version=__version__, description="OpenAI-compatible inference server")
+    state = AppState(engine=engine, config=config, metrics=ServerMetrics(engine))
+    app.state.qanat = state
+    install_error_handlers(app)
+    auth = [Depends(require_api_key(config.api_keys))]
+    app.include_router(_probes())
+    app.include_router(openai_router, dependencies=auth)
+    app.include_router(_metrics_route(), dependencies=auth)
+    app.add_middleware(GatewayMiddleware, config=config, gateway=state.gateway, metrics=state.metrics)
     return app
 
 
-def startup_line(engine: Engine, config: ServerConfig) -> str:
+def startup_line(engine: EngineClient, config: ServerConfig) -> str:
+    card = engine.card
     return json.dumps({
-        "event": "ready", "url": f"http://{config.host}:{config.port}/v1", "model": engine.model_id,
-        "model_path": str(engine.model_path), "ctx_per_request": engine.context_len,
-        "parallel": engine.config.parallel, "threads": engine.config.threads,
-        "auth": bool(config.api_keys), "energy_source": engine.energy.source, "grid": config.carbon.grid,
+        "event": "ready", "url": f"http://{config.host}:{config.port}/v1", "model": card.id,
+        "context_length": card.context_length, "chip": card.chip, "auth": bool(config.api_keys),
+        "energy_source": card.energy_source, "grid": config.carbon.grid,
+        "executor_pid": engine.health().executor_pid,
     })

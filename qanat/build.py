@@ -1,0 +1,77 @@
+"""The one place that turns frozen config into a running system:
+model registry -> executor -> engine core -> LocalEngine (an EngineClient) -> serving app.
+
+Constructors below this line only store what they are given, so a test builds the same system on the fake
+executor in milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from qanat.config import EngineConfig, RuntimeInfo, ServerConfig
+from qanat.energy.accounting import EnergyAccountant
+from qanat.engine.client import EngineClient
+from qanat.engine.core.loop import EngineCore
+from qanat.engine.core.scheduler import Scheduler
+from qanat.engine.executors.base import Executor, Tokenizer
+from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
+from qanat.engine.executors.process import ProcessExecutor
+from qanat.engine.local import LocalEngine
+from qanat.models.chat_template import ChatTemplate
+from qanat.models.locate import model_id_for, resolve_model_path
+
+
+def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> LocalEngine:
+    """The real model: llama.cpp in a child process (`in_process` only for measuring what that costs)."""
+    # Imported here: the serving layer and the fake engine never load llama.cpp.
+    from qanat.engine.executors.llamacpp import ContextSettings, LlamaCppSpec, LlamaTokenizer
+
+    path = resolve_model_path(config.model)
+    settings = ContextSettings(
+        config.parallel, config.ctx, config.batch_tokens, config.threads,
+        # ggml's CPU flash attention picks its loop by shape (tiles for a prompt chunk, a split KV for a lone
+        # sequence's decode past 512 cells): a token's numbers would depend on what shares its pass.
+        flash_attn="off" if config.deterministic else config.flash_attn,
+    )
+    spec = LlamaCppSpec(path, settings, config.energy_meter, config.cpu_tdp_w)
+    tokenizer = LlamaTokenizer(path)
+    try:
+        executor: Executor = spec.create() if in_process else ProcessExecutor(spec)
+    except BaseException:
+        tokenizer.close()
+        raise
+    return assemble(config, model_id_for(path), path, tokenizer, executor)
+
+
+def build_fake_engine(config: EngineConfig, spec: FakeSpec | None = None, in_process: bool = True,
+                      model_id: str = "fake-model") -> LocalEngine:
+    """The deterministic fake model (no weights): in this process, or in a child to test crashes."""
+    spec = spec or FakeSpec(num_slots=config.parallel, context_length=config.ctx, batch_tokens=config.batch_tokens)
+    executor: Executor = spec.create() if in_process else ProcessExecutor(spec)
+    return assemble(config, model_id, Path("fake"), FakeTokenizer(), executor)
+
+
+def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokenizer, executor: Executor
+             ) -> LocalEngine:
+    facts = executor.facts
+    runtime = RuntimeInfo(
+        model_id=model_id, model_path=str(path), context_length=facts.context_length, num_slots=facts.num_slots,
+        batch_tokens=facts.batch_tokens, n_vocab=tokenizer.n_vocab, eog_ids=tokenizer.eog_ids, chip=facts.chip,
+        energy_source=facts.energy_source,
+    )
+    template_parts = tokenizer.chat_template()
+    chat_template = ChatTemplate(*template_parts) if template_parts is not None else None
+    scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic)
+    core = EngineCore(scheduler, executor, tokenizer, EnergyAccountant(facts.energy_source),
+                      max_in_flight=facts.num_slots + config.max_waiting)
+    return LocalEngine(runtime, tokenizer, chat_template, core)
+
+
+def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    from qanat.serving.app import create_app
+
+    return create_app(engine, config)
+

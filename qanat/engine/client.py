@@ -1,0 +1,169 @@
+"""EngineClient: everything the serving layer (and later the router) may ask of an engine, and nothing more.
+
+Implementations: `LocalEngine` (engine core + an executor: llama.cpp in a child process, or the fake) today;
+a remote OpenAI-compatible upstream next. Nothing here knows llama.cpp.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from qanat.energy.accounting import EnergyTotals
+from qanat.engine.sampling import SamplingParams
+
+# -- prompts: what a caller hands in, and what `render` makes of it ------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    messages: tuple[Mapping[str, Any], ...]  # OpenAI-style {"role", "content"}; content already plain text
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    text: str
+
+
+@dataclass(frozen=True)
+class TokenPrompt:
+    token_ids: tuple[int, ...]
+
+
+Prompt = ChatPrompt | TextPrompt | TokenPrompt
+
+
+# -- what comes back -------------------------------------------------------------------------------------
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # end-of-generation token, stop token id or stop string
+    LENGTH = "length"  # max_tokens or the context is exhausted
+    ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # failed while running; see Delta.error
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    text: str  # the token's bytes decoded (U+FFFD where it cuts a character)
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """The chosen token's log-probability and the `k` most likely alternatives (raw model distribution)."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...]
+
+
+class ErrorKind(enum.Enum):
+    INVALID = "invalid"  # the request itself (a grammar that does not parse): InvalidRequestError
+    FAILED = "failed"  # its forward pass failed: RequestFailedError
+    UNAVAILABLE = "unavailable"  # the executor died or the engine stopped: EngineUnavailableError
+
+
+@dataclass(frozen=True)
+class RequestError:
+    kind: ErrorKind
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What `generate` yields: new text and tokens since the previous delta."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    finish_reason: FinishReason | None = None
+    logprobs: Logprobs | None = None  # for token_ids[-1], when the request asked for logprobs
+    queue_time_s: float | None = None  # on the final delta
+    energy_j: float | None = None  # on the final delta: the request's attributed energy
+    error: RequestError | None = None  # on a final delta with finish_reason ERROR
+
+
+# -- what an engine says about itself --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    id: str  # the name clients send as "model"
+    context_length: int  # tokens per request, prompt plus output
+    owned_by: str
+    chip: str  # where it runs, e.g. "cpu: AMD EPYC 9454 (2 threads)"
+    energy_source: str  # measured:nvml | measured:rapl | estimated:cpu-time | ...
+    has_chat_template: bool
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    ready: bool  # accepts and runs new requests now
+    detail: str  # why not, or "ready"
+    restarts: int = 0  # executor restarts since start
+    executor_pid: int | None = None  # the executor's process, where it has one of its own
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What a router weighs: outstanding work on this engine."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV cells held by running requests
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A metrics snapshot, read at scrape time."""
+
+    load: EngineLoad
+    prefix_cache_hit_tokens: int
+    prompt_tokens: int
+    energy: EnergyTotals
+    executor_restarts: int
+    steps: int
+    step_s: float  # wall time of engine steps, executor included
+    boundary_s: float  # of which: crossing the process boundary (0 in-process)
+
+
+class EngineClient(Protocol):
+    @property
+    def card(self) -> ModelCard: ...
+
+    async def render(self, prompt: Prompt) -> Prompt:
+        """Apply the chat template and tokenize where this engine can (off the event loop); else pass through.
+
+        Raises InvalidRequestError (param "prompt") when the prompt cannot be rendered or does not fit."""
+        ...
+
+    def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+                 ) -> AsyncIterator[Delta]:
+        """Stream one request's deltas; leaving the iteration early aborts the request.
+
+        Raises InvalidRequestError, QueueFullError, RequestFailedError or EngineUnavailableError."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    async def detokenize(self, token_ids: Sequence[int]) -> str: ...
+
+    async def apply_chat_template(self, messages: Sequence[Mapping[str, Any]]) -> str: ...
+
+    def health(self) -> EngineHealth: ...
+
+    def load(self) -> EngineLoad: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...

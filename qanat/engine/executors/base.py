@@ -1,0 +1,150 @@
+"""The executor boundary: what the engine core sends down each step and gets back. Nothing but plain data
+crosses it (token ids in, sampled ids out), so an executor can live in another process (`process.py`).
+
+Implementations: `llamacpp.py` (the real model) and `fake.py` (a deterministic fake model, no weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qanat.energy.meters import EnergyMeter
+from qanat.engine.sampling import SamplingParams
+
+
+class ExecutorDiedError(RuntimeError):
+    """The executor's process is gone: every sequence's KV went with it."""
+
+
+class ExecutorStartError(RuntimeError):
+    """An executor could not be built or rebuilt (bad model file, out of memory, not restartable)."""
+
+
+@dataclass(frozen=True)
+class CacheOp:
+    """Prepare a sequence before the batch: optionally copy another sequence's KV, then keep `keep` tokens."""
+
+    seq_id: int
+    keep: int
+    copy_from: int | None = None
+
+
+@dataclass(frozen=True)
+class ExecChunk:
+    request_id: str
+    seq_id: int
+    start_pos: int  # position of token_ids[0]
+    token_ids: list[int]
+    needs_logits: bool  # sample this request's next token from the chunk's last position
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    cache_ops: list[CacheOp]  # applied in order, before the batch
+    chunks: list[ExecChunk]
+    new_requests: list[tuple[str, SamplingParams]] = field(default_factory=list)  # build their samplers first
+    released: list[str] = field(default_factory=list)  # finished since the last step: drop their samplers
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass(frozen=True)
+class SampledLogprobs:
+    """The chosen token's log-probability and the `k` most likely alternatives, as ids."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class StepEnergy:
+    """Meter readings around one step: what passed since the previous step (idle) and during this one."""
+
+    idle_j: float = 0.0
+    busy_j: float = 0.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    message: str
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: dict[str, int]  # request_id -> next token
+    logprobs: dict[str, SampledLogprobs]  # only for requests that asked
+    refused: dict[str, Refusal] = field(default_factory=dict)  # new requests it cannot run (their chunks skipped)
+    energy: StepEnergy = StepEnergy()
+    compute_s: float = 0.0  # wall time inside execute, as the executor measured it
+
+
+@dataclass(frozen=True)
+class ExecutorFacts:
+    """What the executor learnt when it started: sizes it actually allocated, where it runs, its meter."""
+
+    context_length: int  # KV cells per sequence: tokens per request, prompt plus output
+    num_slots: int
+    batch_tokens: int  # the most tokens one step may carry
+    chip: str
+    energy_source: str
+
+
+class Executor(Protocol):
+    facts: ExecutorFacts
+    restarts: int
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        """Run one step. Raises ExecutorDiedError when the executor is gone, anything else when the step failed."""
+        ...
+
+    def is_alive(self) -> bool: ...
+
+    def restart(self) -> None:
+        """A fresh executor with empty KV; raises ExecutorStartError if none can be had."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ExecutorSpec(Protocol):
+    """A picklable recipe for an executor, so a child process can build its own."""
+
+    def create(self) -> Executor: ...
+
+
+class Tokenizer(Protocol):
+    """The model's vocabulary, on the caller's side of the boundary. Thread-safe."""
+
+    n_vocab: int
+    eog_ids: frozenset[int]
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def chat_template(self) -> tuple[str, str, str] | None:
+        """(jinja source, bos text, eos text), or None when the model has no chat template."""
+        ...
+
+
+class StepMeter:
+    """Reads an energy meter around each step, for `StepResult.energy`."""
+
+    def __init__(self, meter: EnergyMeter) -> None:
+        self.meter = meter
+        self._last_j = meter.read_joules()
+
+    def begin(self) -> float:
+        now = self.meter.read_joules()
+        idle_j, self._last_j = now - self._last_j, now
+        return idle_j
+
+    def end(self, idle_j: float) -> StepEnergy:
+        now = self.meter.read_joules()
+        busy_j, self._last_j = now - self._last_j, now
+        return StepEnergy(idle_j, busy_j)

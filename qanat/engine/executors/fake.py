@@ -1,0 +1,163 @@
+"""A deterministic fake model behind the real executor boundary: the engine loop, cancellation, stops, prefix
+reuse, energy attribution and crash recovery are tested in milliseconds, without weights.
+
+The fake keeps each sequence's tokens as its "KV cache", checks positions as llama.cpp does (a gap is an
+error), and computes logits from the sequence's last tokens: so a wrong prefix reuse, a lost cache op or a
+token fed to the wrong sequence changes what it generates. Each step costs a fixed, known energy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from qanat.engine.executors.base import (
+    ExecutorFacts,
+    Refusal,
+    SampledLogprobs,
+    StepBatch,
+    StepEnergy,
+    StepResult,
+)
+from qanat.engine.sampling import SamplingParams
+
+# Vocabulary: 4 special tokens, then one token per byte.
+BOS, EOS, USER, ASSISTANT = 0, 1, 2, 3
+BYTE_OFFSET = 4
+N_VOCAB = BYTE_OFFSET + 256
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CONTEXT_WINDOW = 4  # the logits depend on this many last tokens of the sequence
+
+
+class FakeTokenizer:
+    n_vocab = N_VOCAB
+    eog_ids = frozenset({EOS})
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return ([BOS] if add_special else []) + [BYTE_OFFSET + b for b in text.encode("utf-8")]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id - BYTE_OFFSET]) if token_id >= BYTE_OFFSET else b""
+
+    def chat_template(self) -> tuple[str, str, str] | None:
+        return CHAT_TEMPLATE, "", ""
+
+
+def fake_logits(context: list[int]) -> np.ndarray:
+    """logits: [N_VOCAB], a function of the sequence's last CONTEXT_WINDOW tokens. Greedy picks a lowercase
+    letter or a space; end-of-generation never wins greedily, so lengths are set by max_tokens and stops."""
+    digest = hashlib.blake2b(np.asarray(context[-CONTEXT_WINDOW:], dtype=np.int64).tobytes(), digest_size=8)
+    rng = np.random.default_rng(int.from_bytes(digest.digest(), "little"))
+    logits = rng.normal(0.0, 1.0, N_VOCAB)
+    letters = [BYTE_OFFSET + c for c in b"abcdefghijklmnopqrstuvwxyz "]
+    logits[letters] += 4.0
+    logits[EOS] = -2.0
+    return logits
+
+
+@dataclass(frozen=True)
+class FakeSpec:
+    num_slots: int = 4
+    context_length: int = 256
+    batch_tokens: int = 64
+    step_delay_s: float = 0.0  # wall time each step takes, to keep requests in flight in tests
+    joules_per_step: float = 1.0  # each step's energy: this + joules_per_token per token
+    joules_per_token: float = 0.01
+    idle_joules_per_step: float = 0.5  # reported as idle before each step
+
+    def create(self) -> FakeExecutor:
+        return FakeExecutor(self)
+
+
+class _FakeSampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray) -> tuple[int, np.ndarray]:
+        """(token, log-probabilities of the raw distribution)."""
+        shifted = logits - logits.max()
+        log_probs = shifted - np.log(np.exp(shifted).sum())
+        biased = logits.copy()
+        for token_id, bias in self.params.logit_bias:
+            biased[token_id] += bias
+        if self.params.ignore_eos:
+            biased[EOS] = -np.inf
+        if self.params.is_greedy:
+            return int(np.argmax(biased)), log_probs
+        scaled = (biased - biased.max()) / self.params.temperature
+        probs = np.exp(scaled)
+        return int(self.rng.choice(N_VOCAB, p=probs / probs.sum())), log_probs
+
+
+class FakeExecutor:
+    def __init__(self, spec: FakeSpec) -> None:
+        self.spec = spec
+        self.facts = ExecutorFacts(
+            context_length=spec.context_length, num_slots=spec.num_slots, batch_tokens=spec.batch_tokens,
+            chip="fake", energy_source="estimated:fake",
+        )
+        self.kv: dict[int, list[int]] = {i: [] for i in range(spec.num_slots)}
+        self.samplers: dict[str, _FakeSampler] = {}
+        self.steps = 0
+        self.restarts = 0
+
+    def is_alive(self) -> bool:
+        return True
+
+    def restart(self) -> None:
+        self.kv = {i: [] for i in range(self.spec.num_slots)}
+        self.samplers.clear()
+        self.restarts += 1
+
+    def close(self) -> None:
+        self.samplers.clear()
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        start_s = time.perf_counter()
+        self.steps += 1
+        for request_id in batch.released:
+            self.samplers.pop(request_id, None)
+        refused: dict[str, Refusal] = {}
+        for request_id, params in batch.new_requests:
+            if params.constraint is not None:
+                refused[request_id] = Refusal("the fake model has no grammar support", "response_format")
+            else:
+                self.samplers[request_id] = _FakeSampler(params)
+        for op in batch.cache_ops:
+            if op.copy_from is not None:
+                self.kv[op.seq_id] = list(self.kv[op.copy_from])
+            del self.kv[op.seq_id][op.keep:]
+        chunks = [c for c in batch.chunks if c.request_id not in refused]
+        n_tokens = sum(len(c.token_ids) for c in chunks)
+        if n_tokens > self.spec.batch_tokens:
+            raise RuntimeError(f"batch has {n_tokens} tokens, more than {self.spec.batch_tokens}")
+        sampled: dict[str, int] = {}
+        logprobs: dict[str, SampledLogprobs] = {}
+        for chunk in chunks:
+            seq = self.kv[chunk.seq_id]
+            if chunk.start_pos != len(seq):  # llama.cpp refuses a gap in a sequence's positions the same way
+                raise RuntimeError(f"seq {chunk.seq_id}: chunk starts at {chunk.start_pos}, KV holds {len(seq)}")
+            if len(seq) + len(chunk.token_ids) > self.spec.context_length:
+                raise RuntimeError(f"seq {chunk.seq_id} outgrows its {self.spec.context_length} cells")
+            seq.extend(chunk.token_ids)
+            if chunk.needs_logits:
+                sampler = self.samplers[chunk.request_id]
+                token, log_probs = sampler.sample(fake_logits(seq))
+                sampled[chunk.request_id] = token
+                k = sampler.params.logprobs
+                if k is not None:
+                    top = np.argsort(log_probs)[::-1][:k]
+                    logprobs[chunk.request_id] = SampledLogprobs(
+                        token, float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in top))
+        if self.spec.step_delay_s:
+            time.sleep(self.spec.step_delay_s)
+        spec = self.spec
+        energy = StepEnergy(spec.idle_joules_per_step, spec.joules_per_step + spec.joules_per_token * n_tokens)
+        return StepResult(sampled, logprobs, refused, energy, time.perf_counter() - start_s)

@@ -1,0 +1,103 @@
+"""How to pick tokens: SamplingParams, the one table of their limits, and typed output constraints.
+
+The OpenAI protocol models (`serving/protocol.py`) take their bounds from `LIMITS` too, so a value is refused
+with the same words whichever layer sees it first.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from qanat.engine.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class Limit:
+    lo: float
+    hi: float
+    lo_open: bool = False  # lo itself is refused
+
+    def contains(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        return math.isfinite(value) and above and value <= self.hi
+
+    def describe(self) -> str:
+        lo = f"({self.lo:g}" if self.lo_open else f"[{self.lo:g}"
+        return f"must be in {lo}, {self.hi:g}]"
+
+
+LIMITS: dict[str, Limit] = {
+    "temperature": Limit(0.0, 2.0),  # OpenAI's range; 0 = greedy
+    "top_p": Limit(0.0, 1.0, lo_open=True),
+    "top_k": Limit(0, 1_000_000),  # 0 disables it
+    "min_p": Limit(0.0, 1.0),
+    "repetition_penalty": Limit(0.0, 10.0, lo_open=True),
+    "presence_penalty": Limit(-2.0, 2.0),
+    "frequency_penalty": Limit(-2.0, 2.0),
+    "logit_bias": Limit(-100.0, 100.0),
+    "logprobs": Limit(0, 20),  # top alternatives per token, chat and completions alike (vLLM's max_logprobs)
+    "n": Limit(1, 16),
+    "stop": Limit(0, 16),  # number of stop strings
+    "stop_token_ids": Limit(0, 64),  # number of stop token ids
+}
+
+
+class ConstraintKind(enum.Enum):
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # `spec` is a JSON schema, as JSON text
+    GRAMMAR = "grammar"  # `spec` is a GBNF grammar whose root rule is "root"
+
+
+@dataclass(frozen=True)
+class OutputConstraint:
+    """What the output must parse as. Each executor turns it into its own machinery (llama.cpp: a GBNF grammar)."""
+
+    kind: ConstraintKind
+    spec: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # None = a fresh random seed per request
+    max_tokens: int | None = None  # None = up to the request's context
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None = no logprobs; k = the chosen token's and the top k
+    constraint: OutputConstraint | None = None
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, param: str, why: str) -> None:
+            if not ok:
+                raise InvalidRequestError(f"{param} {why}, got {getattr(self, param)!r}", param=param)
+
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            check(LIMITS[name].contains(getattr(self, name)), name, LIMITS[name].describe())
+        check(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
+        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
+        check(len(self.stop) <= LIMITS["stop"].hi, "stop", f"allows at most {LIMITS['stop'].hi:g} strings")
+        check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
+        check(all(LIMITS["logit_bias"].contains(b) for _, b in self.logit_bias), "logit_bias",
+              "values " + LIMITS["logit_bias"].describe())
+        # A grammar must be free to end the output: banning end-of-generation would leave llama.cpp's grammar
+        # with no allowed token, which aborts the whole process.
+        check(not (self.ignore_eos and self.constraint is not None), "ignore_eos",
+              "cannot be combined with a grammar or response_format (the output ends where the grammar does)")
+        check(self.logprobs is None or LIMITS["logprobs"].contains(self.logprobs), "logprobs",
+              LIMITS["logprobs"].describe())
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0

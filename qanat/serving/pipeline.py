@@ -1,0 +1,266 @@
+"""A request's path through the serving layer, the same for every endpoint:
+
+    validate -> render -> admit -> generate -> format
+
+`validate` turns the body into SamplingParams and prompts (pydantic did the types; LIMITS the ranges);
+`render` applies the chat template and tokenizes, off the event loop (EngineClient.render); `admit` finds the
+engine for the model and waits for the first delta, so that refusals (400, 429, 503) keep their status codes;
+`generate` gathers the choices' deltas; `format` writes OpenAI's JSON or SSE through an endpoint's
+ResponseFormat. A new capability (guardrails, routing) is a new step here, not a branch in each handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.responses import Response
+
+from qanat.engine.client import Delta, EngineClient, Prompt
+from qanat.engine.errors import InvalidRequestError
+from qanat.engine.sampling import SamplingParams
+from qanat.serving.errors import ClientDisconnectedError, ModelNotFoundError, error_body
+from qanat.serving.formats import Choice, ResponseFormat
+from qanat.serving.metrics import ServerMetrics
+from qanat.serving.protocol import ChatCompletionRequest, CompletionRequest
+from qanat.serving.state import AppState, app_state
+
+log = logging.getLogger("qanat.server")
+T = TypeVar("T")
+
+Body = ChatCompletionRequest | CompletionRequest
+Job = tuple[Prompt, SamplingParams]  # one choice: its rendered prompt and sampling params
+
+
+async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
+    state = app_state(http)
+    with _prompt_param(fmt):
+        engine = admit_model(state, body.model)
+        params, prompts = body.sampling_params(), body.prompts()
+        rendered = await render(engine, prompts)
+        generation = await Generation(http, engine, fan_out(rendered, params, body.n), body.n, state).start()
+    response_id, created = f"{fmt.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": response_id, "object": fmt.object, "created": created, "model": body.model}
+    with_logprobs = params.logprobs is not None
+    if not body.stream:
+        choices = await generation.collect()
+        return JSONResponse({**head, "choices": [fmt.choice(i, c, with_logprobs) for i, c in enumerate(choices)],
+                             "usage": generation.usage()})
+    head["object"] = fmt.chunk_object
+    return StreamingResponse(_sse(generation, fmt, head, with_logprobs, body.include_usage),
+                             media_type="text/event-stream")
+
+
+@contextlib.contextmanager
+def _prompt_param(fmt: ResponseFormat) -> Iterator[None]:
+    """The engine names the prompt "prompt"; a chat client sent "messages"."""
+    try:
+        yield
+    except InvalidRequestError as e:
+        if e.param == "prompt":
+            raise InvalidRequestError(str(e), param=fmt.prompt_param) from e
+        raise
+
+
+# -- steps ------------------------------------------------------------------------------------------------
+
+
+def admit_model(state: AppState, model: str) -> EngineClient:
+    engine = state.engine
+    if model != engine.card.id:
+        raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves '{engine.card.id}'")
+    return engine
+
+
+async def render(engine: EngineClient, prompts: list[Prompt]) -> list[Prompt]:
+    return list(await asyncio.gather(*(engine.render(p) for p in prompts)))
+
+
+def fan_out(prompts: list[Prompt], params: SamplingParams, n: int) -> list[Job]:
+    """n choices per prompt; with a seed, choice i uses seed + i so the choices differ yet stay reproducible."""
+    jobs = []
+    for prompt in prompts:
+        for i in range(n):
+            seeded = params if params.seed is None or i == 0 else replace(params, seed=(params.seed + i) % 2**63)
+            jobs.append((prompt, seeded))
+    return jobs
+
+
+# -- generation -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Timing:
+    """Per-request latencies as the client sees them, per choice, fed to the Prometheus histograms."""
+
+    metrics: ServerMetrics
+    start_s: float = field(default_factory=time.perf_counter)
+    last_token_s: dict[int, float] = field(default_factory=dict)  # choice index -> its last token's time
+
+    def token(self, index: int) -> None:
+        now = time.perf_counter()
+        last = self.last_token_s.get(index)
+        if last is None:
+            self.metrics.ttft.observe(now - self.start_s)
+        else:
+            self.metrics.itl.observe(now - last)
+        self.last_token_s[index] = now
+
+    def done(self, choices: list[Choice], n: int) -> None:
+        self.metrics.e2e.observe(time.perf_counter() - self.start_s)
+        for i, c in enumerate(choices):
+            if c.last is None:
+                continue
+            if i % n == 0:
+                self.metrics.prompt_tokens.inc(c.last.num_prompt_tokens)
+            self.metrics.generation_tokens.inc(c.last.num_output_tokens)
+            if c.last.queue_time_s is not None:
+                self.metrics.queue_time.observe(c.last.queue_time_s)
+
+
+class Generation:
+    """One API request's choices in flight: their accumulated output, usage and client-side timings."""
+
+    def __init__(self, http: Request, engine: EngineClient, jobs: list[Job], n: int, state: AppState) -> None:
+        self.http = http
+        self.engine = engine
+        self.n = n
+        self.state = state
+        self.choices = [Choice() for _ in jobs]
+        self.timing = _Timing(state.metrics)
+        self._events = _interleave(engine, jobs)
+        self._first: tuple[int, Delta] | None = None
+
+    async def start(self) -> Generation:
+        """Wait for the first delta before answering, so that errors (400, 429, 503) keep their status code."""
+        self._first = await _unless_disconnected(self.http, anext(self._events))
+        return self
+
+    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
+        """Every (choice index, delta), accumulated into `choices` as it passes."""
+        assert self._first is not None, "start() first"
+        index, delta = self._first
+        while True:
+            self.choices[index].add(delta)
+            self.timing.token(index)
+            yield index, delta
+            try:
+                index, delta = await anext(self._events)
+            except StopAsyncIteration:
+                break
+        self.timing.done(self.choices, self.n)
+
+    async def collect(self) -> list[Choice]:
+        async def drain() -> None:
+            async for _ in self.deltas():
+                pass
+
+        await _unless_disconnected(self.http, drain())
+        return self.choices
+
+    def usage(self) -> dict[str, Any]:
+        lasts = [c.last for c in self.choices if c.last is not None]
+        firsts = [c.last for i, c in enumerate(self.choices) if i % self.n == 0 and c.last is not None]
+        prompt = sum(d.num_prompt_tokens for d in firsts)
+        completion = sum(d.num_output_tokens for d in lasts)
+        energy_j = sum(d.energy_j or 0.0 for d in lasts)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(d.num_cached_tokens for d in firsts)},
+            # Extensions: this request's share of the energy of the steps it ran in, and where it comes from.
+            "energy_joules": energy_j,
+            "energy_source": self.engine.card.energy_source,
+            "co2_grams": self.state.config.carbon.grams(energy_j),
+        }
+
+
+async def _interleave(engine: EngineClient, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of every choice, interleaved as they come: (choice index, delta)."""
+    if len(jobs) == 1:
+        async for delta in engine.generate(*jobs[0]):
+            yield 0, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, job: Job) -> None:
+        try:
+            async for delta in engine.generate(*job):
+                queue.put_nowait((index, delta, None))
+        except Exception as e:
+            queue.put_nowait((index, None, e))
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        remaining = len(jobs)
+        while remaining:
+            index, delta, error = await queue.get()
+            if error is not None:
+                raise error
+            assert delta is not None
+            yield index, delta
+            if delta.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _unless_disconnected(http: Request, awaitable: Awaitable[T]) -> T:
+    """Await while watching the client: a client that leaves cancels its request, freeing its slot at once."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await http.is_disconnected():
+                raise ClientDisconnectedError()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+# -- format: SSE ------------------------------------------------------------------------------------------
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any], with_logprobs: bool,
+               include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        payload = {**head, "choices": choices}
+        if include_usage:
+            payload["usage"] = usage
+        return _event(payload)
+
+    for i in range(len(generation.choices)):
+        if opening := fmt.opening(i):
+            yield chunk(opening)
+    try:
+        async for index, delta in generation.deltas():
+            if entries := fmt.delta_choices(index, delta, with_logprobs):
+                yield chunk(entries)
+    except Exception as e:
+        # The status line is long gone: the error travels as an event, in OpenAI's error shape, and the stream
+        # still ends as streams end, so clients never mistake a cut for a finished answer.
+        if not isinstance(e, InvalidRequestError):
+            log.warning("stream failed after its first token: %s", e)
+        yield _event(error_body(e))
+        yield "data: [DONE]\n\n"
+        return
+    if include_usage:
+        yield chunk([], generation.usage())
+    yield "data: [DONE]\n\n"

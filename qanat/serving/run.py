@@ -1,0 +1,68 @@
+"""`qanat serve`: build the system, run uvicorn; SIGTERM drains in-flight requests before exiting.
+
+Signals are ours, not uvicorn's: uvicorn runs in a worker thread (where it installs no handlers), and the main
+thread turns SIGTERM/SIGINT into the app's own drain (`Gateway`), so the same app drains the same way under
+any ASGI host. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+from qanat.build import build_app, build_llamacpp_engine
+from qanat.config import EngineConfig, ServerConfig
+from qanat.serving.app import startup_line
+from qanat.serving.state import AppState
+
+log = logging.getLogger("qanat.server")
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_llamacpp_engine(engine_config)
+    try:
+        app = build_app(engine, server_config)
+        state: AppState = app.state.qanat
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=server_config.host, port=server_config.port, log_level="warning",
+            timeout_graceful_shutdown=int(server_config.drain_timeout_s) + 1,
+        ))
+        signals: list[int] = []
+
+        def on_signal(sig: int, frame: FrameType | None) -> None:
+            signals.append(sig)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        thread = threading.Thread(target=server.run, name="uvicorn")
+        thread.start()
+        while not server.started and thread.is_alive():
+            time.sleep(0.05)
+        if server.started:
+            print(startup_line(engine, server_config), file=sys.stderr, flush=True)
+        while thread.is_alive() and not signals:
+            time.sleep(0.1)
+        if signals:
+            _drain(state, server_config.drain_timeout_s, signals)
+        server.should_exit = True
+        thread.join()
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _drain(state: AppState, timeout_s: float, signals: list[int]) -> None:
+    """503 to new work; in-flight requests get up to `timeout_s`, or until a second signal."""
+    state.gateway.begin_drain()
+    log.info("draining %d in-flight requests (up to %.0f s)", state.gateway.in_flight, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while state.gateway.in_flight > 0 and time.monotonic() < deadline and len(signals) == 1:
+        time.sleep(0.05)
+
