@@ -1,4 +1,4 @@
-"""Helpers for driving the real engine from synchronous tests."""
+"""Helpers for driving an engine (real or fake) from synchronous tests."""
 
 from __future__ import annotations
 
@@ -6,23 +6,32 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from qanat.engine.engine import Engine
-from qanat.engine.types import Delta, SamplingParams
+from qanat.engine.client import ChatPrompt, Delta, TokenPrompt
+from qanat.engine.local import LocalEngine
+from qanat.engine.sampling import SamplingParams
 
 T = TypeVar("T")
 
 
-async def collect(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
-    return [d async for d in engine.generate(prompt_ids, params)]
+async def collect(engine: LocalEngine, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
+    return [d async for d in engine.generate(TokenPrompt(tuple(prompt_ids)), params)]
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def chat_ids(engine: Engine, user: str, system: str | None = None) -> list[int]:
+def chat_ids(engine: LocalEngine, user: str, system: str | None = None) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
-    return engine.chat_prompt_ids(messages + [{"role": "user", "content": user}])
+    return list(engine.render_sync(ChatPrompt((*messages, {"role": "user", "content": user}))).token_ids)
+
+
+def tokenize(engine: LocalEngine, text: str) -> list[int]:
+    return engine.tokenizer.tokenize(text, add_special=True)
+
+
+def detokenize(engine: LocalEngine, token_ids: list[int]) -> str:
+    return b"".join(engine.tokenizer.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
 
 
 def tokens_of(deltas: list[Delta]) -> list[int]:

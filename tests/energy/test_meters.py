@@ -91,35 +91,21 @@ def test_estimate_is_labelled_and_grows_with_cpu_time() -> None:
     assert not probes["rapl"].readable
 
 
-class ScriptedMeter:
-    source = "measured:test"
-
-    def __init__(self) -> None:
-        self.joules = 100.0
-
-    def read_joules(self) -> float:
-        return self.joules
-
-
 def test_attribution_balances_across_concurrent_requests_of_different_sizes() -> None:
-    meter = ScriptedMeter()
-    accountant = EnergyAccountant(meter)
+    accountant = EnergyAccountant("measured:test")
     charged: dict[str, float] = {}
     # (idle joules before the step, step joules, tokens per request in the step)
     steps = [(0.5, 3.0, {"a": 200, "b": 56}), (0.0, 1.0, {"a": 1, "b": 1, "c": 120}), (2.0, 0.7, {"c": 1}),
              (0.3, 0.0, {})]
     for idle_j, step_j, work in steps:
-        meter.joules += idle_j
-        accountant.begin_step()
-        meter.joules += step_j
-        for request_id, joules in accountant.end_step(work).items():
+        for request_id, joules in accountant.record(idle_j, step_j, work).items():
             charged[request_id] = charged.get(request_id, 0.0) + joules
     totals = accountant.totals()
     assert charged["a"] == pytest.approx(3.0 * 200 / 256 + 1.0 / 122)
     assert charged["c"] == pytest.approx(1.0 * 120 / 122 + 0.7)
     assert totals.idle_j == pytest.approx(2.8)
     assert sum(charged.values()) + totals.idle_j == pytest.approx(totals.total_j)
-    assert totals.total_j == pytest.approx(meter.joules - 100.0)
+    assert totals.total_j == pytest.approx(sum(idle + step for idle, step, _ in steps))
     assert totals.tokens == 256 + 122 + 1
 
 

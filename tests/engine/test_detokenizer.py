@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qanat.engine.detokenizer import IncrementalDetokenizer
+from qanat.engine.core.detokenizer import IncrementalDetokenizer
 
 MEEM = "م".encode()  # two bytes
 VOCAB = {1: b"Hel", 2: b"lo w", 3: b"orld", 4: MEEM[:1], 5: MEEM[1:], 6: "ⵣ".encode()[:2], 7: "ⵣ".encode()[2:]}

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from qanat.engine.scheduler import MIN_PREFIX_COPY_TOKENS, CacheOp, Scheduler
-from qanat.engine.types import FinishReason, Request, RequestState, SamplingParams
+from qanat.engine.client import FinishReason
+from qanat.engine.core.request import Request, RequestState
+from qanat.engine.core.scheduler import MIN_PREFIX_COPY_TOKENS, Scheduler
+from qanat.engine.executors.base import CacheOp
+from qanat.engine.sampling import SamplingParams
 
 EOS = 0
 
@@ -26,7 +29,7 @@ def run_step(sched: Scheduler, token: int = 7):
 
 
 def test_chunked_prefill_keeps_decodes_running() -> None:
-    sched = Scheduler(num_slots=4, slot_capacity=1024, max_batch_tokens=64)
+    sched = Scheduler(num_slots=4, context_length=1024, max_batch_tokens=64)
     short = make_request("short", list(range(1, 11)), max_tokens=10)
     sched.add(short)
     plan, _ = run_step(sched)
@@ -46,7 +49,7 @@ def test_chunked_prefill_keeps_decodes_running() -> None:
 
 
 def test_budget_never_exceeded_and_prompt_tokens_in_order() -> None:
-    sched = Scheduler(num_slots=3, slot_capacity=4096, max_batch_tokens=50)
+    sched = Scheduler(num_slots=3, context_length=4096, max_batch_tokens=50)
     prompts = {f"r{i}": list(range(i * 1000, i * 1000 + 70 + i)) for i in range(3)}
     for rid, prompt in prompts.items():
         sched.add(make_request(rid, prompt, max_tokens=3))
@@ -61,7 +64,7 @@ def test_budget_never_exceeded_and_prompt_tokens_in_order() -> None:
 
 
 def test_admission_waits_for_a_free_slot() -> None:
-    sched = Scheduler(num_slots=2, slot_capacity=256, max_batch_tokens=64)
+    sched = Scheduler(num_slots=2, context_length=256, max_batch_tokens=64)
     reqs = [make_request(f"r{i}", [i + 1] * 5, max_tokens=2) for i in range(3)]
     for r in reqs:
         sched.add(r)
@@ -75,7 +78,7 @@ def test_admission_waits_for_a_free_slot() -> None:
 
 
 def test_finish_and_cancel_free_the_slot_at_once() -> None:
-    sched = Scheduler(num_slots=1, slot_capacity=256, max_batch_tokens=64)
+    sched = Scheduler(num_slots=1, context_length=256, max_batch_tokens=64)
     first, second = make_request("a", [1, 2, 3], max_tokens=100), make_request("b", [4, 5, 6])
     sched.add(first)
     sched.add(second)
@@ -94,7 +97,7 @@ def test_finish_and_cancel_free_the_slot_at_once() -> None:
 
 
 def test_eos_and_stop_token_ids_finish_unless_ignore_eos() -> None:
-    sched = Scheduler(num_slots=3, slot_capacity=256, max_batch_tokens=64)
+    sched = Scheduler(num_slots=3, context_length=256, max_batch_tokens=64)
     eos = make_request("eos", [1, 2])
     stop = Request("stop", [1, 2], SamplingParams(temperature=0, stop_token_ids=(7,)), 4)
     ignore = Request("ignore", [1, 2], SamplingParams(temperature=0, ignore_eos=True), 4,
@@ -108,7 +111,7 @@ def test_eos_and_stop_token_ids_finish_unless_ignore_eos() -> None:
 
 
 def test_prefix_reuse_in_place_after_finish() -> None:
-    sched = Scheduler(num_slots=2, slot_capacity=512, max_batch_tokens=256)
+    sched = Scheduler(num_slots=2, context_length=512, max_batch_tokens=256)
     system = list(range(1, 101))
     first = make_request("a", system + [500, 501], max_tokens=1)
     sched.add(first)
@@ -123,7 +126,7 @@ def test_prefix_reuse_in_place_after_finish() -> None:
 
 
 def test_prefix_copied_from_a_running_request() -> None:
-    sched = Scheduler(num_slots=2, slot_capacity=512, max_batch_tokens=256)
+    sched = Scheduler(num_slots=2, context_length=512, max_batch_tokens=256)
     system = list(range(1, 101))
     first = make_request("a", system + [500], max_tokens=50)
     sched.add(first)
@@ -137,7 +140,7 @@ def test_prefix_copied_from_a_running_request() -> None:
 
 def test_new_requests_keep_running_seq_ids_consecutive() -> None:
     # llama.cpp runs one pass per run of consecutive seq ids: a hole left by a finished request is filled first.
-    sched = Scheduler(num_slots=8, slot_capacity=512, max_batch_tokens=256)
+    sched = Scheduler(num_slots=8, context_length=512, max_batch_tokens=256)
     x, y, z = (make_request(r, [i, i + 1], max_tokens=50) for r, i in (("x", 10), ("y", 20), ("z", 30)))
     for r in (x, y, z):
         sched.add(r)
@@ -151,7 +154,7 @@ def test_new_requests_keep_running_seq_ids_consecutive() -> None:
 
 
 def test_prefix_cached_away_from_the_running_block_is_copied_next_to_it() -> None:
-    sched = Scheduler(num_slots=8, slot_capacity=512, max_batch_tokens=256)
+    sched = Scheduler(num_slots=8, context_length=512, max_batch_tokens=256)
     system = list(range(1, 101))
     for rid, first in (("x", 500), ("y", 600)):
         sched.add(make_request(rid, [first, first + 1], max_tokens=50))
@@ -165,7 +168,7 @@ def test_prefix_cached_away_from_the_running_block_is_copied_next_to_it() -> Non
 
 
 def test_identical_prompts_wait_for_the_first_to_compute_the_prefix() -> None:
-    sched = Scheduler(num_slots=3, slot_capacity=512, max_batch_tokens=512)
+    sched = Scheduler(num_slots=3, context_length=512, max_batch_tokens=512)
     prompt = list(range(1, 201))
     reqs = [make_request(f"n{i}", prompt) for i in range(3)]
     for r in reqs:
@@ -179,7 +182,7 @@ def test_identical_prompts_wait_for_the_first_to_compute_the_prefix() -> None:
 
 
 def test_short_shared_prefix_is_recomputed_not_copied() -> None:
-    sched = Scheduler(num_slots=2, slot_capacity=512, max_batch_tokens=512)
+    sched = Scheduler(num_slots=2, context_length=512, max_batch_tokens=512)
     shared = list(range(1, MIN_PREFIX_COPY_TOKENS))  # one token short of worth copying
     a = make_request("a", shared + [900], max_tokens=50)
     sched.add(a)
@@ -192,7 +195,7 @@ def test_short_shared_prefix_is_recomputed_not_copied() -> None:
 
 
 def test_deterministic_mode_runs_prompt_chunks_alone_and_reuses_no_prefix() -> None:
-    sched = Scheduler(num_slots=4, slot_capacity=1024, max_batch_tokens=64, deterministic=True)
+    sched = Scheduler(num_slots=4, context_length=1024, max_batch_tokens=64, deterministic=True)
     system = list(range(1, 21))
     a = make_request("a", system, max_tokens=20)
     sched.add(a)
@@ -217,7 +220,7 @@ def test_deterministic_mode_runs_prompt_chunks_alone_and_reuses_no_prefix() -> N
 
 
 def test_failed_request_drops_its_kv() -> None:
-    sched = Scheduler(num_slots=1, slot_capacity=256, max_batch_tokens=64)
+    sched = Scheduler(num_slots=1, context_length=256, max_batch_tokens=64)
     r = make_request("a", [1, 2, 3], max_tokens=10)
     sched.add(r)
     run_step(sched)
@@ -228,4 +231,4 @@ def test_failed_request_drops_its_kv() -> None:
 
 def test_budget_smaller_than_slots_is_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_tokens"):
-        Scheduler(num_slots=8, slot_capacity=256, max_batch_tokens=4)
+        Scheduler(num_slots=8, context_length=256, max_batch_tokens=4)

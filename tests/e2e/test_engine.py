@@ -1,4 +1,4 @@
-"""The engine with the real SmolLM2 model and the real llama.cpp."""
+"""The engine with the real SmolLM2 model and the real llama.cpp, in its child process."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from qanat.build import build_llamacpp_engine
 from qanat.config import EngineConfig
-from qanat.engine.engine import Engine
-from qanat.engine.types import Delta, FinishReason, InvalidRequestError, QueueFullError, SamplingParams
-from tests.helpers import chat_ids, collect, run, text_of, tokens_of
+from qanat.engine.client import ChatPrompt, Delta, FinishReason, TokenPrompt
+from qanat.engine.errors import InvalidRequestError, QueueFullError
+from qanat.engine.local import LocalEngine as Engine
+from qanat.engine.sampling import ConstraintKind, OutputConstraint, SamplingParams
+from tests.helpers import chat_ids, collect, detokenize, run, text_of, tokenize, tokens_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=48)
 
@@ -37,21 +40,22 @@ LOGPROB_TOLERANCE = 0.25
 
 @pytest.fixture(scope="module")
 def no_flash() -> Iterator[Engine]:
-    eng = Engine(EngineConfig(ctx=1024, parallel=8, threads=2, flash_attn="off"))
+    eng = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=8, threads=2, flash_attn="off"))
     yield eng
     eng.shutdown()
 
 
 @pytest.fixture(scope="module")
 def det() -> Iterator[Engine]:
-    eng = Engine(EngineConfig(ctx=1024, parallel=8, threads=2, deterministic=True))
+    eng = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=8, threads=2, deterministic=True))
     yield eng
     eng.shutdown()
 
 
 def numbers(deltas: list[Delta]) -> list[tuple[int, float, tuple[tuple[int, float], ...]]]:
     """Each sampled token with its log-probability and the top alternatives, as floats to compare exactly."""
-    return [(d.token_ids[0], d.logprobs.logprob, d.logprobs.top) for d in deltas if d.logprobs is not None]
+    return [(d.token_ids[0], d.logprobs.chosen.logprob, tuple((t.token_id, t.logprob) for t in d.logprobs.top))
+            for d in deltas if d.logprobs is not None]
 
 
 def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
@@ -70,7 +74,7 @@ def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
     reversed_order = run(batched(list(reversed(range(len(ids))))))
     for prompt, a, b, c in zip(PROMPTS, alone, together, reversed_order, strict=True):
         assert a == b == c, f"batched output drifted for {prompt!r}"
-    texts = [engine.model.detokenize(t) for t in together]
+    texts = [detokenize(engine, t) for t in together]
     # Each answer is on its own prompt's topic: no sequence got another's KV.
     topics = [("sea", "ocean", "wave"), ("france", "marseill", "paris"), ("photosynthesis",), ("python",),
               ("cat",), ("12",), ("morocco",), ("airplane", "fly", "wing")]
@@ -85,8 +89,8 @@ def test_deterministic_mode_is_bit_identical_alone_again_and_in_a_crowd(det: Eng
     # With the default settings these three runs differ: the second is a prefix-cache hit (first-token
     # log-probabilities 0.19 nats off), the third joins others mid-decode (off from its 27th token).
     params = SamplingParams(temperature=0, max_tokens=32, logprobs=0)
-    target = det.tokenize("The water master keeps the count of every share. " * 20)[:230]
-    crowd = [chat_ids(det, p) for p in PROMPTS] + [det.tokenize("Tell me everything about water. " * 60)]
+    target = tokenize(det, "The water master keeps the count of every share. " * 20)[:230]
+    crowd = [chat_ids(det, p) for p in PROMPTS] + [tokenize(det, "Tell me everything about water. " * 60)]
 
     alone = run(collect(det, target, params))
     again = run(collect(det, target, params))
@@ -126,13 +130,13 @@ def test_max_tokens_and_ignore_eos(engine: Engine) -> None:
 
     forced = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)))
     assert forced[-1].finish_reason is FinishReason.LENGTH and forced[-1].num_output_tokens == 120
-    assert not engine.model.eog_ids & set(tokens_of(forced))
+    assert not engine.tokenizer.eog_ids & set(tokens_of(forced))
 
 
 def test_stop_string_split_across_tokens_is_never_emitted(engine: Engine) -> None:
     ids = chat_ids(engine, "Write a short poem about the sea.")
     full = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=40)))
-    pieces = [engine.model.token_bytes(t).decode("utf-8", "replace") for t in tokens_of(full)]
+    pieces = [engine.tokenizer.token_bytes(t).decode("utf-8", "replace") for t in tokens_of(full)]
     k = next(i for i in range(5, len(pieces) - 1) if len(pieces[i].strip()) >= 2 and len(pieces[i + 1]) >= 2)
     stop = pieces[k][-2:] + pieces[k + 1][:2]  # straddles the boundary between tokens k and k+1
     full_text = text_of(full)
@@ -156,7 +160,7 @@ def test_multilingual_stream_is_valid_utf8(engine: Engine, prompt: str) -> None:
     deltas = run(collect(engine, chat_ids(engine, prompt), SamplingParams(temperature=0, max_tokens=60)))
     streamed = text_of(deltas)
     # The whole text of the same tokens, decoded at once (a character cut off by max_tokens is dropped).
-    whole = b"".join(engine.model.token_bytes(t) for t in tokens_of(deltas)).decode("utf-8", errors="ignore")
+    whole = b"".join(engine.tokenizer.token_bytes(t) for t in tokens_of(deltas)).decode("utf-8", errors="ignore")
     assert streamed == whole
     assert "\ufffd" not in streamed
     assert all(d.text.encode("utf-8").decode("utf-8") == d.text for d in deltas)
@@ -165,7 +169,8 @@ def test_multilingual_stream_is_valid_utf8(engine: Engine, prompt: str) -> None:
 
 def assert_same_continuation(warm: list[Delta], cold: list[Delta]) -> None:
     assert tokens_of(warm)[:16] == tokens_of(cold)[:16]
-    warm_top, cold_top = dict(warm[0].logprobs.top), dict(cold[0].logprobs.top)  # type: ignore[union-attr]
+    warm_top = {t.token_id: t.logprob for t in warm[0].logprobs.top}  # type: ignore[union-attr]
+    cold_top = {t.token_id: t.logprob for t in cold[0].logprobs.top}  # type: ignore[union-attr]
     shared = warm_top.keys() & cold_top.keys()
     assert len(shared) >= 4, (warm_top, cold_top)  # near-ties may swap in and out of the top 5
     assert all(abs(warm_top[t] - cold_top[t]) < LOGPROB_TOLERANCE for t in shared), (warm_top, cold_top)
@@ -178,7 +183,8 @@ def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(no_flash: Engin
         "qanats and khettaras that carry water underground from the mountains to oases and fields. "
         "When a question is unclear, you say so. You never invent facts about places."
     )
-    n_system = len(no_flash.chat_prompt_ids([{"role": "system", "content": system}])) - 2
+    system_turn = no_flash.render_sync(ChatPrompt(({"role": "system", "content": system},)))
+    n_system = len(system_turn.token_ids) - 2
     greedy = SamplingParams(temperature=0, max_tokens=48, logprobs=5)
     first = run(collect(no_flash, chat_ids(no_flash, "What is a khettara?", system), greedy))
     assert first[-1].num_cached_tokens < n_system  # this system prompt was never seen before
@@ -187,7 +193,7 @@ def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(no_flash: Engin
     assert warm[-1].num_cached_tokens >= n_system
 
     # Overwrite every slot with unrelated prompts, so the same question then runs cold.
-    fillers = [chat_ids(no_flash, f"Count from {i} to {i + 3}.") for i in range(no_flash.config.parallel)]
+    fillers = [chat_ids(no_flash, f"Count from {i} to {i + 3}.") for i in range(no_flash.runtime.num_slots)]
 
     async def fill() -> None:
         await asyncio.gather(*(collect(no_flash, f, SamplingParams(temperature=0, max_tokens=4)) for f in fillers))
@@ -207,8 +213,8 @@ def test_shared_system_prompt_hits_prefix_cache_and_matches_cold(no_flash: Engin
 
 
 def test_too_long_prompt_is_refused_and_engine_keeps_serving(engine: Engine) -> None:
-    long_prompt = engine.tokenize("water flows under the desert " * 300)
-    with pytest.raises(InvalidRequestError, match=rf"{len(long_prompt)} tokens.*{engine.context_len}"):
+    long_prompt = tokenize(engine, "water flows under the desert " * 300)
+    with pytest.raises(InvalidRequestError, match=rf"{len(long_prompt)} tokens.*{engine.runtime.context_length}"):
         run(collect(engine, long_prompt, GREEDY))
     ids = chat_ids(engine, "What is 12 times 7?")
     with pytest.raises(InvalidRequestError, match=r"max_tokens \(2000\)") as info:
@@ -217,24 +223,10 @@ def test_too_long_prompt_is_refused_and_engine_keeps_serving(engine: Engine) -> 
     assert text_of(run(collect(engine, ids, GREEDY)))
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "param"),
-    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
-     ({"presence_penalty": 3}, "presence_penalty"), ({"stop": ("",)}, "stop"), ({"logprobs": 50}, "logprobs"),
-     ({"logit_bias": ((5, float("-inf")),)}, "logit_bias"),
-     # Regression: a grammar that had finished, with end-of-generation banned, aborted the server process.
-     ({"ignore_eos": True, "grammar": 'root ::= "yes"'}, "ignore_eos")],
-)
-def test_invalid_sampling_values_are_named(kwargs: dict, param: str) -> None:  # type: ignore[type-arg]
-    with pytest.raises(InvalidRequestError, match=param) as info:
-        SamplingParams(**kwargs)
-    assert info.value.param == param
-
-
 def test_bad_grammar_and_logit_bias_fail_only_that_request(engine: Engine) -> None:
     ids = chat_ids(engine, "Say hi.")
     with pytest.raises(InvalidRequestError, match="grammar"):
-        run(collect(engine, ids, SamplingParams(grammar="root ::= (")))
+        run(collect(engine, ids, SamplingParams(constraint=OutputConstraint(ConstraintKind.GRAMMAR, "root ::= ("))))
     with pytest.raises(InvalidRequestError, match="logit_bias"):
         run(collect(engine, ids, SamplingParams(logit_bias=((10**7, 1.0),))))
     assert text_of(run(collect(engine, ids, GREEDY)))
@@ -242,7 +234,8 @@ def test_bad_grammar_and_logit_bias_fail_only_that_request(engine: Engine) -> No
 
 def test_grammar_constrains_output(engine: Engine) -> None:
     ids = chat_ids(engine, "Is the sea salty? Answer yes or no.")
-    out = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=10, grammar='root ::= "yes" | "no"')))
+    yes_no = OutputConstraint(ConstraintKind.GRAMMAR, 'root ::= "yes" | "no"')
+    out = run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=10, constraint=yes_no)))
     assert text_of(out) in {"yes", "no"}
 
 
@@ -250,19 +243,20 @@ def test_logprobs_are_log_probabilities(engine: Engine) -> None:
     out = run(collect(engine, chat_ids(engine, "Say hi."), SamplingParams(temperature=0, max_tokens=5, logprobs=3)))
     for d in out:
         lp = d.logprobs
-        assert lp is not None and lp.token_id == d.token_ids[-1] and lp.logprob <= 0
-        assert len(lp.top) == 3 and lp.top[0][0] == lp.token_id  # greedy picks the most likely token
-        assert [p for _, p in lp.top] == sorted((p for _, p in lp.top), reverse=True)
+        assert lp is not None and lp.chosen.token_id == d.token_ids[-1] and lp.chosen.logprob <= 0
+        assert len(lp.top) == 3 and lp.top[0].token_id == lp.chosen.token_id  # greedy picks the most likely token
+        assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+        assert lp.chosen.bytes == engine.tokenizer.token_bytes(lp.chosen.token_id)
 
 
 def test_cancel_frees_capacity_for_a_queued_request() -> None:
-    small = Engine(EngineConfig(ctx=512, parallel=1, threads=2, max_waiting=1))
+    small = build_llamacpp_engine(EngineConfig(ctx=512, parallel=1, threads=2, max_waiting=1))
     try:
-        ids = small.chat_prompt_ids([{"role": "user", "content": "Tell me a long story."}])
+        ids = chat_ids(small, "Tell me a long story.")
         endless = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
         async def scenario() -> tuple[int, list]:  # type: ignore[type-arg]
-            first = small.generate(ids, endless)
+            first = small.generate(TokenPrompt(tuple(ids)), endless)
             got = 0
             async for _ in first:
                 got += 1
@@ -279,13 +273,13 @@ def test_cancel_frees_capacity_for_a_queued_request() -> None:
         got, second = run(scenario())
         assert got == 3
         assert second[-1].finish_reason is FinishReason.LENGTH and second[-1].num_output_tokens == 5
-        assert small.stats().num_running == 0 and small.stats().num_waiting == 0
+        assert small.load().num_running == 0 and small.load().num_waiting == 0
     finally:
         small.shutdown()
 
 
 def test_penalties_change_the_output(engine: Engine) -> None:  # regression: penalties once crashed the request
-    ids = engine.tokenize("water water water water water water")
+    ids = tokenize(engine, "water water water water water water")
     plain = text_of(run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=20))))
     penalized = text_of(run(collect(engine, ids, SamplingParams(
         temperature=0, max_tokens=20, repetition_penalty=1.5, frequency_penalty=1.0, presence_penalty=1.0))))
