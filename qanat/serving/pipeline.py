@@ -247,12 +247,12 @@ async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any]
         return _event(payload)
 
     for i in range(len(generation.choices)):
-        if opening := fmt.opening(i):
-            yield chunk(opening)
+        for entry in fmt.opening(i):
+            yield chunk([entry])
     try:
         async for index, delta in generation.deltas():
-            if entries := fmt.delta_choices(index, delta, with_logprobs):
-                yield chunk(entries)
+            for entry in fmt.delta_choices(index, delta, with_logprobs):
+                yield chunk([entry])
     except Exception as e:
         # The status line is long gone: the error travels as an event, in OpenAI's error shape, and the stream
         # still ends as streams end, so clients never mistake a cut for a finished answer.
