@@ -1,11 +1,14 @@
 """Engine benchmark: aggregate generated tokens/s and TTFT at several concurrencies, in-process.
 
 Targets, all on the same model, threads and token-id prompts (see workload.py):
-  qanat     our engine (continuous batching), driven in-process through `Engine.generate`
+  qanat     our engine (continuous batching) through `LocalEngine.generate`, its llama.cpp executor in a child
+            process as `qanat serve` runs it; `--variants process,inprocess` adds the executor in the engine's
+            own process, to measure what the process boundary costs
   llama     `llama_cpp.Llama`, the same requests one after another (it serves one at a time), in a child process
   server    llama.cpp's C++ `llama-server` over HTTP, when --llama-server-url points at one
 
     .venv/bin/python bench/engine_throughput.py [--llama-server-url http://127.0.0.1:8081] [--rounds 3]
+    .venv/bin/python bench/engine_throughput.py --concurrency 16 --variants process,inprocess --rounds 3
 
 This machine drifts by ±15 % over minutes, so each row runs `--rounds` rounds with fresh prompts, qanat
 and llama-server taking turns going first; the tables give medians and each round's ratio.
@@ -22,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.workload import distinct_prompts, shared_prefix_prompts  # noqa: E402
 from qanat.bench.loadgen import RequestRecord, run_load  # noqa: E402
 from qanat.bench.metrics import aggregate, percentile  # noqa: E402
+from qanat.build import build_llamacpp_engine  # noqa: E402
 from qanat.config import EngineConfig  # noqa: E402
-from qanat.engine.engine import Engine  # noqa: E402
-from qanat.engine.types import SamplingParams  # noqa: E402
+from qanat.engine.client import TokenPrompt  # noqa: E402
+from qanat.engine.executors.llamacpp import LlamaModel  # noqa: E402
+from qanat.engine.sampling import SamplingParams  # noqa: E402
 from qanat.models.locate import default_model_path  # noqa: E402
 
 NEW_TOKENS = 128
@@ -65,40 +71,15 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
     }
 
 
-class DecodeTimer:
-    """Wraps llama_decode to split each engine step into time inside llama_decode and time outside it."""
-
-    def __init__(self) -> None:
-        self.decode_s = 0.0
-        self.original = llama_cpp.llama_decode
-
-    def __call__(self, ctx: Any, batch: Any) -> int:
-        start = time.perf_counter()
-        try:
-            return self.original(ctx, batch)
-        finally:
-            self.decode_s += time.perf_counter() - start
-
-
-def bench_qanat(prompts: list[list[int]], concurrency: int, engine: Engine) -> dict[str, Any]:
+def bench_qanat(prompts: list[list[int]], concurrency: int, parallel: int, in_process: bool) -> dict[str, Any]:
+    """One closed-loop run on a fresh engine. Call it through `in_child`: each run gets a clean process."""
+    engine = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=parallel, threads=THREADS), in_process=in_process)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    timer = DecodeTimer()
-    llama_cpp.llama_decode = timer
-    step_s = 0.0
-    original_step = engine.step
-
-    def timed_step() -> None:
-        nonlocal step_s
-        start = time.perf_counter()
-        original_step()
-        step_s += time.perf_counter() - start
-
-    engine.step = timed_step  # type: ignore[method-assign]
 
     async def one(ids: list[int]) -> RequestRecord:
         record = RequestRecord()
         start = time.perf_counter()
-        async for delta in engine.generate(ids, params):
+        async for delta in engine.generate(TokenPrompt(tuple(ids)), params):
             if record.ttft_s is None:
                 record.ttft_s = time.perf_counter() - start
             record.output_tokens = delta.num_output_tokens
@@ -120,11 +101,15 @@ def bench_qanat(prompts: list[list[int]], concurrency: int, engine: Engine) -> d
 
     try:
         records, wall = asyncio.run(closed_loop())
+        stats = engine.stats()
     finally:
-        llama_cpp.llama_decode = timer.original
-        engine.step = original_step  # type: ignore[method-assign]
+        engine.shutdown()
     result = summarize(records, wall)
-    result["python_share_of_step"] = 1 - timer.decode_s / step_s if step_s else None
+    result["steps"] = stats.steps
+    result["step_ms"] = 1000 * stats.step_s / stats.steps if stats.steps else None
+    # Round-trip time of a step not spent inside the child's execute: pickling, the pipe, wake-ups.
+    result["boundary_us_per_step"] = 1e6 * stats.boundary_s / stats.steps if stats.steps else None
+    result["boundary_share_of_step"] = stats.boundary_s / stats.step_s if stats.step_s else None
     return result
 
 
@@ -153,8 +138,9 @@ def in_child(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """Run a llama.cpp baseline in a fresh process. A second llama.cpp context driven from another thread of
     the engine's process gives libgomp more OpenMP threads than cores, so it throttles its spin-waits, and
     every qanat step after that ran slower (single stream: 159 -> 97-105 tok/s, measured)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    # ProcessPoolExecutor's worker is not a daemon, so it may start qanat's executor process of its own.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def bench_llama_server(url: str, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
@@ -179,22 +165,27 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--variants", default="process",
+                        help="qanat executors to run: process (as served), inprocess (no boundary), or both")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000,
                         help="prompt seed; the default changes per run, so no server has these prompts cached")
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    engine = Engine(EngineConfig(ctx=1024, parallel=args.parallel, threads=THREADS))
+    variants = [f"qanat_{v}" for v in args.variants.split(",")]
+    vocab = LlamaModel(default_model_path(), vocab_only=True)
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "llama_cpp_python": llama_cpp.__version__,
                                "seed": args.seed, "runs": []}
     for workload, make in (("distinct", distinct_prompts), ("shared-prefix", shared_prefix_prompts)):
         for c in concurrencies:
-            row: dict[str, Any] = {"workload": workload, "concurrency": c, "qanat": [], "llama_server": []}
+            row: dict[str, Any] = {"workload": workload, "concurrency": c, "llama_server": []}
+            row.update({v: [] for v in variants})
             for r in range(args.rounds):
-                prompts = make(engine.model, num_requests(c), seed=args.seed + 1000 * r + c)
-                turns = ["qanat", "llama_server"] if args.llama_server_url else ["qanat"]
+                prompts = make(vocab, num_requests(c), seed=args.seed + 1000 * r + c)
+                turns = variants + (["llama_server"] if args.llama_server_url else [])
                 for name in turns if r % 2 == 0 else reversed(turns):
-                    row[name].append(bench_qanat(prompts, c, engine) if name == "qanat"
-                                     else bench_llama_server(args.llama_server_url, prompts, c))
+                    row[name].append(
+                        bench_llama_server(args.llama_server_url, prompts, c) if name == "llama_server"
+                        else in_child(bench_qanat, prompts, c, args.parallel, name == "qanat_inprocess"))
                 if c == 1 and r == 0:
                     row["llama_sequential"] = in_child(bench_llama_sequential, prompts)
             results["runs"].append(row)
@@ -204,10 +195,10 @@ def main() -> int:
     (out / "engine.json").write_text(json.dumps(results, indent=2))
 
     print("| workload | concurrency | qanat tok/s | llama-server tok/s | ratio | ratio per round | "
-          "qanat TTFT p50 (s) | llama-server TTFT p50 (s) | Python share of a qanat step |")
+          "qanat TTFT p50 (s) | llama-server TTFT p50 (s) | process boundary share of a qanat step |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in results["runs"]:
-        q, s = row["qanat"], row["llama_server"]
+        q, s = row[variants[0]], row["llama_server"]
         q_tps, s_tps = median_of(q, "tokens_per_s"), median_of(s, "tokens_per_s") if s else None
         ratio = q_tps / s_tps if s_tps else None
         ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(q, s, strict=True)] if s else []
@@ -215,19 +206,32 @@ def main() -> int:
         print(f"| {row['workload']} | {row['concurrency']} | {fmt(q_tps)} | {fmt(s_tps)} | {fmt(ratio, 2)} | "
               f"{per_round or '—'} | {fmt(median_of(q, 'ttft_median_s'), 2)} | "
               f"{fmt(median_of(s, 'ttft_median_s') if s else None, 2)} | "
-              f"{fmt(100 * median_of(q, 'python_share_of_step'))} % |")
+              f"{fmt(100 * (median_of(q, 'boundary_share_of_step') or 0), 2)} % |")
+    if "qanat_inprocess" in variants and "qanat_process" in variants:
+        print()
+        print("| workload | concurrency | executor in a child process tok/s | in-process tok/s | ratio | "
+              "ratio per round | boundary µs per step | step ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in results["runs"]:
+            p, i = row["qanat_process"], row["qanat_inprocess"]
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(p, i, strict=True)]
+            print(f"| {row['workload']} | {row['concurrency']} | {fmt(median_of(p, 'tokens_per_s'))} | "
+                  f"{fmt(median_of(i, 'tokens_per_s'))} | "
+                  f"{fmt(median_of(p, 'tokens_per_s') / median_of(i, 'tokens_per_s'), 3)} | "  # type: ignore[operator]
+                  f"{' / '.join(fmt(r, 3) for r in ratios)} | {fmt(median_of(p, 'boundary_us_per_step'), 0)} | "
+                  f"{fmt(median_of(p, 'step_ms'), 1)} |")
     print()
     print("| single stream (concurrency 1, first round) | qanat | llama_cpp.Llama, one after another | ratio |")
     print("|---|---|---|---|")
     for row in results["runs"]:
         if "llama_sequential" in row:
-            q, a = row["qanat"][0], row["llama_sequential"]
+            q, a = row[variants[0]][0], row["llama_sequential"]
             print(f"| {row['workload']}: decode tok/s | {fmt(q['decode_tokens_per_s_median'])} | "
                   f"{fmt(a['decode_tokens_per_s_median'])} | "
                   f"{fmt(q['decode_tokens_per_s_median'] / a['decode_tokens_per_s_median'], 2)} |")
             print(f"| {row['workload']}: aggregate tok/s | {fmt(q['tokens_per_s'])} | {fmt(a['tokens_per_s'])} | "
                   f"{fmt(q['tokens_per_s'] / a['tokens_per_s'], 2)} |")
-    engine.shutdown()
+    vocab.close()
     return 0
 
 

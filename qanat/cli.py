@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        return int(args.run(args))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"qanat: {e}", file=sys.stderr)
         return 2

@@ -68,7 +68,7 @@ def _resolve_model(config: BenchConfig) -> str:
         raise BenchError(f"GET {config.base_url}/models answered {response.status_code}: {response.text[:200]}; "
                          "pass --model")
     try:
-        return response.json()["data"][0]["id"]
+        return str(response.json()["data"][0]["id"])
     except (ValueError, KeyError, IndexError) as e:
         raise BenchError(f"GET {config.base_url}/models listed no model; pass --model") from e
 

@@ -80,7 +80,9 @@ class NvmlMeter:
 
     def __init__(self, nvml: Any = None) -> None:
         if nvml is None:
-            import pynvml as nvml  # from nvidia-ml-py; imported here so machines without it still start
+            import pynvml  # from nvidia-ml-py; imported here so machines without it still start
+
+            nvml = pynvml
         self._nvml = nvml
         nvml.nvmlInit()
         count = nvml.nvmlDeviceGetCount()

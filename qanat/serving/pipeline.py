@@ -204,12 +204,12 @@ async def _interleave(engine: EngineClient, jobs: list[Job]) -> AsyncIterator[tu
     try:
         remaining = len(jobs)
         while remaining:
-            index, delta, error = await queue.get()
+            index, maybe_delta, error = await queue.get()
             if error is not None:
                 raise error
-            assert delta is not None
-            yield index, delta
-            if delta.finish_reason is not None:
+            assert maybe_delta is not None
+            yield index, maybe_delta
+            if maybe_delta.finish_reason is not None:
                 remaining -= 1
     finally:
         for task in tasks:

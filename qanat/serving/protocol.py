@@ -165,4 +165,4 @@ class CompletionRequest(_CommonRequest):
             return [TextPrompt(prompt)]
         if isinstance(prompt[0], int):
             return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
-        return [TextPrompt(p) for p in prompt]  # type: ignore[misc]
+        return [TextPrompt(str(p)) for p in prompt]

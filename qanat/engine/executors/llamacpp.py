@@ -174,7 +174,7 @@ def constraint_grammar(constraint: OutputConstraint) -> str:
     if constraint.kind is ConstraintKind.GRAMMAR:
         return constraint.spec or ""
     try:
-        return json_schema_to_gbnf(constraint.spec or "{}")
+        return str(json_schema_to_gbnf(constraint.spec or "{}"))
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
         raise InvalidRequestError(f"unsupported JSON schema: {e}", param="response_format") from e
 
