@@ -8,6 +8,7 @@ executor in milliseconds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -22,6 +23,9 @@ from qanat.engine.executors.process import ProcessExecutor
 from qanat.engine.local import LocalEngine
 from qanat.models.chat_template import ChatTemplate
 from qanat.models.locate import model_id_for, resolve_model_path
+
+if TYPE_CHECKING:
+    from qanat.engine.executors.llamacpp import LlamaTokenizer
 
 
 def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> LocalEngine:
@@ -44,6 +48,13 @@ def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> Loc
         tokenizer.close()
         raise
     return assemble(config, model_id_for(path), path, tokenizer, executor)
+
+
+def load_gguf_tokenizer(path: Path) -> LlamaTokenizer:
+    """A GGUF's vocabulary alone (no weights), for callers that only count tokens (`qanat bench`)."""
+    from qanat.engine.executors.llamacpp import LlamaTokenizer
+
+    return LlamaTokenizer(path)
 
 
 def build_fake_engine(config: EngineConfig, spec: FakeSpec | None = None, in_process: bool = True,

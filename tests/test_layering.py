@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 QANAT = Path(__file__).parent.parent / "qanat"
-# The llama.cpp executor, and `qanat bench`'s optional exact-length tokenizer (a client tool, never served).
-ALLOWED = {QANAT / "engine" / "executors" / "llamacpp.py", QANAT / "bench" / "runner.py"}
+ALLOWED = {QANAT / "engine" / "executors" / "llamacpp.py"}
 
 
 def test_serving_app_on_the_fake_engine_never_loads_llama_cpp() -> None:

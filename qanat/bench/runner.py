@@ -76,13 +76,13 @@ def _resolve_model(config: BenchConfig) -> str:
 def _tokenizer(config: BenchConfig, model_id: str) -> Tokenizer | None:
     if config.tokenizer == "none":
         return None
-    from qanat.engine.executors.llamacpp import LlamaModel
+    from qanat.build import load_gguf_tokenizer
     from qanat.models.locate import DEFAULT_MODEL_ID, default_model_path
 
     if config.tokenizer == "auto":
         # The embedded model's vocabulary is exact only for that model; anything else gets estimates.
-        return LlamaModel(default_model_path(), vocab_only=True) if model_id == DEFAULT_MODEL_ID else None
-    return LlamaModel(Path(config.tokenizer), vocab_only=True)
+        return load_gguf_tokenizer(default_model_path()) if model_id == DEFAULT_MODEL_ID else None
+    return load_gguf_tokenizer(Path(config.tokenizer))
 
 
 def _body(config: BenchConfig, model_id: str, prompt: Prompt) -> dict[str, Any]:

@@ -7,7 +7,8 @@ import json
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -146,8 +147,24 @@ def _metrics_route() -> APIRouter:
     return metrics
 
 
+def _docs_routes(app: FastAPI) -> APIRouter:
+    """/openapi.json and /docs, behind the same auth as the API they describe."""
+    docs = APIRouter(include_in_schema=False)
+
+    @docs.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @docs.get("/docs")
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Qanat")
+
+    return docs
+
+
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="Qanat", version=__version__, description="OpenAI-compatible inference server")
+    app = FastAPI(title="Qanat", version=__version__, description="OpenAI-compatible inference server",
+                  docs_url=None, redoc_url=None, openapi_url=None)
     state = AppState(engine=engine, config=config, metrics=ServerMetrics(engine))
     app.state.qanat = state
     install_error_handlers(app)
@@ -155,6 +172,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.include_router(_probes())
     app.include_router(openai_router, dependencies=auth)
     app.include_router(_metrics_route(), dependencies=auth)
+    app.include_router(_docs_routes(app), dependencies=auth)
     app.add_middleware(GatewayMiddleware, config=config, gateway=state.gateway, metrics=state.metrics)
     return app
 

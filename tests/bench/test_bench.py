@@ -110,11 +110,12 @@ def test_cli_reports_bad_arguments_clearly(capsys: pytest.CaptureFixture[str]) -
     assert "bad SLO" in capsys.readouterr().err
 
 
+@pytest.mark.model  # the embedded GGUF's vocabulary
 def test_workload_lengths_and_languages() -> None:
-    from qanat.engine.executors.llamacpp import LlamaModel
+    from qanat.build import load_gguf_tokenizer
     from qanat.models.locate import default_model_path
 
-    tokenizer = LlamaModel(default_model_path(), vocab_only=True)
+    tokenizer = load_gguf_tokenizer(default_model_path())
     spec = WorkloadSpec(num_requests=5, input_tokens=120, shared_prefix_tokens=80)
     prompts = build_prompts(spec, tokenizer)
     assert all(p.exact and abs(p.input_tokens - 120) <= 2 for p in prompts)

@@ -95,7 +95,7 @@ def test_errors_name_the_parameter(engine: LocalEngine, path: str, body: dict[st
 
 def test_one_auth_dependency_on_every_route_but_the_probes(engine: LocalEngine) -> None:
     keyed = ServerConfig(api_keys=("k1",))
-    for path in ("/v1/models", "/metrics"):
+    for path in ("/v1/models", "/metrics", "/openapi.json", "/docs"):
         assert call(engine, "GET", path, keyed).status_code == 401
         assert call(engine, "GET", path, keyed, headers={"Authorization": "Bearer k1"}).status_code == 200
     assert call(engine, "POST", "/v1/chat/completions", keyed, json=CHAT).json()["error"]["code"] == "invalid_api_key"

@@ -60,7 +60,7 @@ def _init_backend() -> None:
 @dataclass(frozen=True)
 class ContextSettings:
     num_slots: int  # parallel sequences
-    slot_capacity: int  # KV cells (tokens) per sequence
+    context_length: int  # KV cells (tokens) per sequence: prompt plus output of one request
     batch_tokens: int  # n_batch = n_ubatch: the most tokens one llama_decode may take
     threads: int
     flash_attn: str = "auto"  # auto | on | off
@@ -153,6 +153,9 @@ class LlamaTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.model.token_bytes(token_id)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return self.model.detokenize(token_ids)
 
     def chat_template(self) -> tuple[str, str, str] | None:
         source = self.model.metadata("tokenizer.chat_template")
@@ -263,7 +266,7 @@ class LlamaCppExecutor:
         self.model = model = LlamaModel(spec.model_path)
         self.settings = settings
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = settings.num_slots * settings.slot_capacity
+        params.n_ctx = settings.num_slots * settings.context_length
         params.n_batch = settings.batch_tokens
         params.n_ubatch = settings.batch_tokens
         params.n_seq_max = settings.num_slots
