@@ -45,8 +45,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         thread.start()
         while not server.started and thread.is_alive():
             time.sleep(0.05)
-        if server.started:
-            print(startup_line(engine, server_config), file=sys.stderr, flush=True)
+        if not server.started:  # uvicorn said why (the port is taken, ...)
+            thread.join()
+            return 1
+        print(startup_line(engine, server_config), file=sys.stderr, flush=True)
         while thread.is_alive() and not signals:
             time.sleep(0.1)
         if signals:

@@ -45,3 +45,10 @@ class ServerProcess:
             self.proc.kill()
         out, _ = self.proc.communicate(timeout=30)
         return out
+
+    def metric(self, name: str) -> float:
+        """An unlabelled sample from /metrics."""
+        for line in httpx.get(f"{self.base_url}/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not found")

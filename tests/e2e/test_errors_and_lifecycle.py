@@ -101,20 +101,13 @@ def one_slot_server() -> Iterator[ServerProcess]:
     srv.stop()
 
 
-def _metric(server: ServerProcess, name: str) -> float:
-    for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not found")
-
-
 def test_disconnect_mid_stream_frees_the_slot_and_queue_full_is_429(one_slot_server: ServerProcess) -> None:
     url = f"{one_slot_server.base_url}/v1/chat/completions"
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json={**LONG, "stream": True}) as stream:
         lines = stream.iter_lines()
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
-        assert _metric(one_slot_server, "qanat_num_requests_running") == 1
+        assert one_slot_server.metric("qanat_num_requests_running") == 1
         # One request runs and one may wait: a third is refused with 429 and Retry-After.
         waiting = threading.Thread(target=lambda: httpx.post(url, json=CHAT, timeout=60))
         waiting.start()
@@ -126,9 +119,9 @@ def test_disconnect_mid_stream_frees_the_slot_and_queue_full_is_429(one_slot_ser
     waiting.join(timeout=30)
     assert not waiting.is_alive()
     deadline = time.monotonic() + 10
-    while _metric(one_slot_server, "qanat_num_requests_running") != 0 and time.monotonic() < deadline:
+    while one_slot_server.metric("qanat_num_requests_running") != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _metric(one_slot_server, "qanat_num_requests_running") == 0
+    assert one_slot_server.metric("qanat_num_requests_running") == 0
     start = time.monotonic()
     assert httpx.post(url, json=CHAT, timeout=60).status_code == 200
     assert time.monotonic() - start < 10  # not stuck behind the abandoned 400-token story
@@ -141,7 +134,7 @@ def test_disconnect_while_queued_cancels(one_slot_server: ServerProcess) -> None
         with pytest.raises(httpx.ReadTimeout):  # queued behind the stream; the client gives up
             httpx.post(url, json=LONG, timeout=1.0)
         time.sleep(0.5)
-        assert _metric(one_slot_server, "qanat_num_requests_waiting") == 0
+        assert one_slot_server.metric("qanat_num_requests_waiting") == 0
 
 
 def test_sigterm_drains_in_flight_requests() -> None:

@@ -47,7 +47,7 @@ def test_sigkill_of_the_executor_mid_stream() -> None:
         for t in threads:
             t.start()
         deadline = time.monotonic() + 60
-        while _metric(srv, "qanat_num_requests_running") < 8 and time.monotonic() < deadline:
+        while srv.metric("qanat_num_requests_running") < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1.0)  # every stream has tokens out
         os.kill(pid, signal.SIGKILL)
@@ -72,14 +72,8 @@ def test_sigkill_of_the_executor_mid_stream() -> None:
         assert all(o[0] in ("complete", "error:engine_unavailable") for o in outcomes), outcomes
         assert any(o[0] == "error:engine_unavailable" for o in outcomes)
         new_pid = httpx.get(f"{srv.base_url}/ready").json()["executor_pid"]
-        assert new_pid != pid and _metric(srv, "qanat_executor_restarts_total") == 1
+        assert new_pid != pid and srv.metric("qanat_executor_restarts_total") == 1
         assert srv.proc.poll() is None
     finally:
         srv.stop()
 
-
-def _metric(server: ServerProcess, name: str) -> float:
-    for line in httpx.get(f"{server.base_url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not found")
