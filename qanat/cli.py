@@ -1,4 +1,4 @@
-"""One entry point: `qanat serve | generate`."""
+"""One entry point: `qanat serve | generate | bench | plan | energy`."""
 
 from __future__ import annotations
 
@@ -188,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", help="directory for result.json, summary.md and plots")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
+
+    plan = commands.add_parser("plan", help="which chip, how many, at what latency, joules and price (predicted)")
+    from qanat.planner.cli import add_plan_args, run_plan
+
+    add_plan_args(plan)
+    plan.set_defaults(run=run_plan)
 
     args = parser.parse_args(argv)
     try:
