@@ -114,7 +114,8 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         config = BenchConfig(
             url=args.url, model=args.model, api_key=args.api_key, endpoint=args.endpoint,
-            concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (),
+            concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (
+                (1, 4, 16, 64) if args.sweep else ()),
             rate=tuple(float(r) for r in args.rate.split(",")) if args.rate else (),
             duration_s=args.duration, ignore_eos=not args.no_ignore_eos, tokenizer=args.tokenizer,
             slo=Slo.parse(args.slo) if args.slo else None, timeout_s=args.timeout,
@@ -123,7 +124,12 @@ def _bench(args: argparse.Namespace) -> int:
                 shared_prefix_tokens=args.shared_prefix, dataset=args.dataset, seed=args.seed,
             ),
         )
-        result = run_bench(config, show_progress=not args.quiet)
+        if args.sweep:
+            from qanat.bench.sweep import run_sweep
+
+            result = run_sweep(config, args.sweep_max_input, show_progress=not args.quiet)
+        else:
+            result = run_bench(config, show_progress=not args.quiet)
     except (ValueError, BenchError, FileNotFoundError) as e:
         print(f"qanat bench: {e}", file=sys.stderr)
         return 2
@@ -187,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     bench.add_argument("--out", help="directory for result.json, summary.md and plots")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--sweep", action="store_true",
+                       help="the runs `qanat plan --calibrate` needs: prefill at 4 prompt lengths, decode at each "
+                            "--concurrency (default 1,4,16,64) at short and long context, power")
+    bench.add_argument("--sweep-max-input", type=int, default=1024, help="longest prompt of --sweep, in tokens")
     bench.set_defaults(run=_bench)
 
     plan = commands.add_parser("plan", help="which chip, how many, at what latency, joules and price (predicted)")

@@ -8,6 +8,7 @@ experts, leading dense layers) and DeepSeek's multi-head latent attention (MLA) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from qanat.planner.precision import Precision
 
@@ -96,12 +97,16 @@ class ModelSpec:
 
     def param_counts(self) -> tuple[int, int, int]:
         """(dense parameters a step reads whole, all routed-expert parameters, embedding-lookup parameters)."""
+        return self._param_counts
+
+    @cached_property
+    def _param_counts(self) -> tuple[int, int, int]:
         attention = self._attention_params() * self.n_layers
         dense_mlp = self._mlp_params(self.d_ff) * (self.n_dense_layers if self.is_moe else self.n_layers)
         shared = self._mlp_params(self.d_ff_expert) * self.n_shared_experts * self.n_moe_layers
         router = self.d_model * self.n_experts * self.n_moe_layers
         experts = self._mlp_params(self.d_ff_expert) * self.n_experts * self.n_moe_layers
-        norms = 2 * self.d_model * self.n_layers
+        norms = 2 * self.d_model * self.n_layers + self.d_model  # two per layer, one final
         embedding = self.vocab * self.d_model
         output_head = embedding  # tied or not, the head is a full vocab x d matmul every step
         dense = attention + dense_mlp + shared + router + norms + output_head
@@ -112,7 +117,7 @@ class ModelSpec:
         dense, experts, lookup = self.param_counts()
         return dense + experts + lookup
 
-    @property
+    @cached_property
     def params_active(self) -> int:
         """Parameters one token multiplies by (the lookup table is read, not multiplied)."""
         dense, experts, _ = self.param_counts()
@@ -164,7 +169,7 @@ class ModelSpec:
         return self.kv_bytes_per_token(kv_bytes, context) * context
 
     # ---- FLOPs -----------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def linear_flops_per_token(self) -> float:
         return 2.0 * self.params_active
 

@@ -75,29 +75,42 @@ class StepTime:
         return max(parts, key=lambda k: parts[k])
 
 
-def step_time(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency, load: StepLoad) -> StepTime:
-    tp = deploy.chips
-    precision = deploy.precision
-    tokens = load.decode_seqs + load.prefill_tokens
-    bandwidth = chip.memory_bw * eff.mem * tp
-    weights_bw = bandwidth * (eff.quant_mem if precision.is_gguf else 1.0)
-    flops, _ = chip.flops(precision.compute)
-    attn_flops, _ = chip.flops("bf16" if precision.compute in ("int8", "fp4") else precision.compute)
+class StepModel:
+    """The per-replica constants of a step (rates, bytes and FLOPs per token), computed once; `time` is then cheap."""
 
-    weights_mem = model.step_weight_bytes(precision, tokens) / weights_bw if tokens else 0.0
-    weights_compute = model.linear_flops_per_token * tokens / (flops * eff.compute * tp)
-    kv_read = load.decode_seqs * model.kv_bytes(deploy.kv_bytes, load.decode_context)
-    kv_mem = kv_read / bandwidth
-    attention_flops = (load.decode_seqs * model.attention_flops_per_token(load.decode_context)
-                       + load.prefill_tokens * model.attention_flops_per_token(load.prefill_context))
-    # Decode attention streams the cache (counted in kv_mem); its FLOPs only matter when they exceed that time.
-    attn_rate = attn_flops * eff.attention * tp
-    decode_attn = load.decode_seqs * model.attention_flops_per_token(load.decode_context) / attn_rate
-    prefill_attn = attention_flops / attn_rate - decode_attn
-    attention = prefill_attn + max(0.0, decode_attn - kv_mem)
-    comm = 0.0
-    if tp > 1 and chip.interconnect_bw > 0:
-        per_allreduce = tokens * model.d_model * ACTIVATION_BYTES * 2 * (tp - 1) / tp
-        comm = 2 * model.n_layers * (eff.allreduce_s + per_allreduce / (chip.interconnect_bw * eff.link))
-    overhead = eff.step_s + eff.layer_s * model.n_layers
-    return StepTime(weights_mem, weights_compute, kv_mem, attention, comm, overhead)
+    def __init__(self, model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency) -> None:
+        tp, precision = deploy.chips, deploy.precision
+        self.model, self.kv_elem_bytes = model, deploy.kv_bytes
+        self.bandwidth = chip.memory_bw * eff.mem * tp
+        self.weights_bw = self.bandwidth * (eff.quant_mem if precision.is_gguf else 1.0)
+        self.precision = precision
+        flops, _ = chip.flops(precision.compute)
+        attn_flops, _ = chip.flops("bf16" if precision.compute in ("int8", "fp4") else precision.compute)
+        self.linear_rate = flops * eff.compute * tp
+        self.attention_rate = attn_flops * eff.attention * tp
+        self.linear_flops = model.linear_flops_per_token
+        self.overhead = eff.step_s + eff.layer_s * model.n_layers
+        self.comm_per_token = self.comm_fixed = 0.0
+        if tp > 1 and chip.interconnect_bw > 0:
+            # Two all-reduces per layer (after attention, after the MLP), ring algorithm.
+            self.comm_fixed = 2 * model.n_layers * eff.allreduce_s
+            self.comm_per_token = (2 * model.n_layers * model.d_model * ACTIVATION_BYTES * 2 * (tp - 1) / tp
+                                   / (chip.interconnect_bw * eff.link))
+
+    def time(self, load: StepLoad) -> StepTime:
+        model = self.model
+        tokens = load.decode_seqs + load.prefill_tokens
+        weights_mem = model.step_weight_bytes(self.precision, tokens) / self.weights_bw if tokens else 0.0
+        weights_compute = self.linear_flops * tokens / self.linear_rate
+        kv_mem = load.decode_seqs * model.kv_bytes(self.kv_elem_bytes, load.decode_context) / self.bandwidth
+        # Decode attention streams the cache (counted in kv_mem); its FLOPs only matter when they exceed that time.
+        decode_attn = load.decode_seqs * model.attention_flops_per_token(load.decode_context) / self.attention_rate
+        prefill_attn = (load.prefill_tokens * model.attention_flops_per_token(load.prefill_context)
+                        / self.attention_rate if load.prefill_tokens else 0.0)
+        attention = prefill_attn + max(0.0, decode_attn - kv_mem)
+        comm = self.comm_fixed + self.comm_per_token * tokens if self.comm_fixed or self.comm_per_token else 0.0
+        return StepTime(weights_mem, weights_compute, kv_mem, attention, comm, self.overhead)
+
+
+def step_time(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency, load: StepLoad) -> StepTime:
+    return StepModel(model, chip, deploy, eff).time(load)
