@@ -200,11 +200,13 @@ def profile_key(chip: str, engine: str, precision: str) -> str:
     return "__".join(part.replace("/", "-").replace(" ", "-") for part in (chip, engine, precision))
 
 
-def save_profile(chip: str, engine: str, precision: str, model: str, fitted: Fit, source: str) -> Path:
-    path = profiles_dir() / f"{profile_key(chip, engine, precision)}.json"
+def save_profile(chip: ChipSpec, engine: str, precision: str, model: str, fitted: Fit, source: str) -> Path:
+    """The factors are relative to the chip's figures, so those are kept too (a probed host differs run to run)."""
+    path = profiles_dir() / f"{profile_key(chip.name, engine, precision)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "chip": chip, "engine": engine, "precision": precision, "model": model, "source": source,
+        "chip": chip.name, "engine": engine, "precision": precision, "model": model, "source": source,
+        "chip_figures": {"memory_bw": chip.memory_bw, "peak_flops": chip.peak_flops, "tdp_w": chip.tdp_w},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "runs": fitted.used_runs,
         "efficiency": fitted.efficiency.to_dict(), "residuals": fitted.residuals,
     }, indent=2))

@@ -63,22 +63,25 @@ def _precision(model: ModelSpec, name: str | None) -> Precision:
     return get_precision(name or "bf16")
 
 
-def _efficiency(chip: ChipSpec, precision: Precision, args: argparse.Namespace) -> tuple[Efficiency, str, dict[
-        str, tuple[float, float]] | None]:
+def _efficiency(chip: ChipSpec, precision: Precision, args: argparse.Namespace) -> tuple[
+        Efficiency, str, dict[str, tuple[float, float]] | None, ChipSpec]:
     from qanat.planner.calibrate import find_profile
 
     family = args.engine if args.engine in ENGINES else None
     eff, label = default_efficiency(chip.chip_class, family)
     band = None
-    profile = None if args.no_profile else find_profile(chip.name, precision.name,
-                                                       None if args.engine in (None, *ENGINES) else args.engine)
+    profile = None if args.no_profile else find_profile(chip.name, precision.name, args.engine)
     if profile is not None:
         eff = Efficiency.from_dict(profile["efficiency"], eff)
+        figures = profile.get("chip_figures")
+        if figures:  # the factors were fitted against these figures (a probed host differs run to run)
+            chip = replace(chip, memory_bw=figures["memory_bw"], peak_flops=dict(figures["peak_flops"]),
+                           tdp_w=figures["tdp_w"])
         label = f"calibrated:{profile['engine']} profile {profile['path']} ({profile['created']})"
         band = {k: (v["median"], v["p90"]) for k, v in profile.get("residuals", {}).items()}
     overrides = {"max_batch": args.max_batch, "chunk_tokens": args.chunk_tokens}
     eff = replace(eff, **{k: v for k, v in overrides.items() if v is not None})
-    return eff, label, band
+    return eff, label, band, chip
 
 
 def plan_one(catalog: Catalog, model: ModelSpec, chip_name: str, args: argparse.Namespace,
@@ -89,7 +92,7 @@ def plan_one(catalog: Catalog, model: ModelSpec, chip_name: str, args: argparse.
     precision = _precision(model, args.precision)
     kv = KV_DTYPE_BYTES[args.kv_dtype] if args.kv_dtype else (
         1.0 if precision.kv_bytes == 1 and chip.flops("fp8")[1] == "fp8" else 2.0)
-    eff, eff_label, band = _efficiency(chip, precision, args)
+    eff, eff_label, band, chip = _efficiency(chip, precision, args)
     context = workload.input_tokens + workload.output_tokens
     tp = args.tp or min_chips_to_fit(model, chip, precision, kv, context, eff)
     flops, compute = chip.flops(precision.compute)
@@ -130,10 +133,10 @@ def _calibrate(catalog: Catalog, args: argparse.Namespace) -> int:
     precision = _precision(model, args.precision)
     kv = KV_DTYPE_BYTES[args.kv_dtype] if args.kv_dtype else precision.kv_bytes
     engine = args.engine or ("qanat" if chip.chip_class == "cpu-host" else "optimized")
-    base, label, _ = _efficiency(chip, precision, argparse.Namespace(**{**vars(args), "no_profile": True}))
+    base, label, _, _ = _efficiency(chip, precision, argparse.Namespace(**{**vars(args), "no_profile": True}))
     tp = args.tp or 1
     fitted = fit(model, chip, Deployment(tp, precision, kv), base, observations(result))
-    path = save_profile(chip.name, engine, precision.name, model.name, fitted, str(args.calibrate))
+    path = save_profile(chip, engine, precision.name, model.name, fitted, str(args.calibrate))
     e = fitted.efficiency
     print(f"calibrated {chip.name} / {engine} / {precision.name} from {fitted.used_runs} runs of {args.calibrate} "
           f"(start: {label})")

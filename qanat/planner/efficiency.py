@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-ENGINES = ("optimized", "llama.cpp")  # vLLM/SGLang/TensorRT-LLM/JetStream/vendor stacks vs llama.cpp (qanat, Ollama)
+# optimized: TensorRT-LLM, NIM, JetStream, vendor stacks (KV reserved for a request's full length up front);
+# vllm: vLLM, SGLang (KV pages on demand, preempting when full); llama.cpp: llama.cpp, qanat, Ollama.
+ENGINES = ("optimized", "vllm", "llama.cpp")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Efficiency:
     chunk_tokens: int  # prompt tokens one step takes at most (chunked prefill)
     mem_usable: float  # share of memory for weights + KV (the rest: activations, runtime, fragmentation)
     idle_w: float | None = None  # measured idle watts (a calibration); None: the chip's figure or idle_frac
+    kv_reserve: str = "max"  # KV held per running sequence: "max" (prompt + all output) or "mean" (+ half the output)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,12 +76,15 @@ CLASS_DEFAULTS: dict[str, Efficiency] = {
 }
 
 # llama.cpp on a GPU (single stream, no CUDA graphs in the measurements we have): the per-layer cost dominates.
-ENGINE_ADJUST: dict[tuple[str, str], dict[str, float]] = {
+ENGINE_ADJUST: dict[tuple[str, str], dict[str, float | str]] = {
     ("gpu-hbm", "llama.cpp"): {"layer_s": 160e-6, "compute": 0.30, "quant_mem": 0.90, "max_batch": 16,
                                "chunk_tokens": 512},
     ("gpu-gddr", "llama.cpp"): {"layer_s": 160e-6, "compute": 0.30, "quant_mem": 0.90, "max_batch": 16,
                                 "chunk_tokens": 512},
 }
+
+for _cls in ("gpu-hbm", "gpu-gddr", "tpu", "neuron", "asic-hbm"):
+    ENGINE_ADJUST[(_cls, "vllm")] = {"kv_reserve": "mean"}
 
 # Engines that run on CPUs and Apple chips: only llama.cpp is modelled there.
 NATIVE_ENGINE = {"cpu-server": "llama.cpp", "cpu-edge": "llama.cpp", "apple-soc": "llama.cpp", "cpu-host": "llama.cpp"}
@@ -98,3 +104,6 @@ def default_efficiency(chip_class: str, engine: str | None = None) -> tuple[Effi
     if adjust:
         eff = replace(eff, **adjust)  # type: ignore[arg-type]
     return eff, f"default:{chip_class}/{engine}"
+
+
+CPU_CLASSES = ("cpu-server", "cpu-edge", "cpu-host")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qanat.planner.chips import ChipSpec
-from qanat.planner.efficiency import Efficiency
+from qanat.planner.efficiency import CPU_CLASSES, Efficiency
 from qanat.planner.model import ModelSpec
 from qanat.planner.precision import Precision
 
@@ -84,7 +84,10 @@ class StepModel:
         self.bandwidth = chip.memory_bw * eff.mem * tp
         self.weights_bw = self.bandwidth * (eff.quant_mem if precision.is_gguf else 1.0)
         self.precision = precision
-        flops, _ = chip.flops(precision.compute)
+        compute = precision.compute
+        if precision.is_gguf and chip.chip_class not in CPU_CLASSES:
+            compute = "bf16"  # llama.cpp on a GPU dequantises blocks into 16-bit matmuls; int8 dots are CPU-side
+        flops, _ = chip.flops(compute)
         attn_flops, _ = chip.flops("bf16" if precision.compute in ("int8", "fp4") else precision.compute)
         self.linear_rate = flops * eff.compute * tp
         self.attention_rate = attn_flops * eff.attention * tp

@@ -121,7 +121,7 @@ def test_profiles_are_keyed_by_chip_engine_and_precision(tmp_path: Path, monkeyp
     model, deploy = _setup()
     fitted = fit(model, HOST, deploy, default_efficiency("cpu-host")[0],
                  observations(synthetic_result(model, deploy, TRUE)))
-    save_profile("test-host", "qanat", "Q4_1", model.name, fitted, "r.json")
+    save_profile(HOST, "qanat", "Q4_1", model.name, fitted, "r.json")
     assert find_profile("test-host", "Q4_1", "qanat") is not None
     assert find_profile("test-host", "Q4_1", "vllm") is None
     assert find_profile("test-host", "Q8_0") is None
