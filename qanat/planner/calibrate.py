@@ -2,10 +2,10 @@
 as a profile keyed by (chip, engine, precision) that later predictions use (and say so).
 
 The fit minimises squared log errors of the predicted median TPOT and TTFT of every unsaturated run, with the
-same step and queue model `qanat plan` predicts with, over five factors: bandwidth and compute efficiency,
-attention efficiency, a fixed per-step time (per-layer and per-step costs are one constant for a fixed model)
-and, when the runs differ in KV traffic, nothing more. Power, when the result carries energy, is a linear
-least-squares fit of watts on the step's memory and compute busy fractions.
+same step and queue model `qanat plan` predicts with, over five factors: bandwidth, compute and attention
+efficiency, a fixed time per step (per-layer and per-step costs are one constant for a fixed model) and a fixed
+time per decoded sequence (logits, sampling: what batching a decode does not amortise). Power, when the result
+carries energy, is a linear least-squares fit of watts on the step's memory and compute busy fractions.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from qanat.planner.model import ModelSpec
 from qanat.planner.serving import Engine, Traffic
 from qanat.planner.step import Deployment
 
-FITTED = ("mem", "compute", "attention", "step_s")
-_BOUNDS = {"mem": (1e-3, 1.0), "compute": (1e-4, 1.0), "attention": (1e-4, 1.0), "step_s": (0.0, 10.0)}
+FITTED = ("mem", "compute", "attention", "step_s", "token_s")
+_SHARES = {"mem", "compute", "attention"}  # in (0, 1): searched through a logistic; times through a logarithm
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,19 @@ def _nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float
     return simplex[min(range(n + 1), key=lambda i: values[i])]
 
 
-def _with_params(base: Efficiency, logs: Sequence[float]) -> Efficiency:
+def _to_search(name: str, value: float) -> float:
+    if name in _SHARES:
+        v = min(max(value, 1e-4), 0.999)
+        return math.log(v / (1 - v))
+    return math.log(max(value, 1e-5))
+
+
+def _with_params(base: Efficiency, xs: Sequence[float]) -> Efficiency:
+    """Unbounded search coordinates -> factors (no clamps: a clamp is a flat region Nelder-Mead stalls on)."""
     values: dict[str, float] = {}
-    for name, log_value in zip(FITTED, logs, strict=True):
-        lo, hi = _BOUNDS[name]
-        values[name] = min(max(math.exp(log_value), lo), hi)
+    for name, x in zip(FITTED, xs, strict=True):
+        x = min(max(x, -30.0), 30.0)
+        values[name] = 1 / (1 + math.exp(-x)) if name in _SHARES else math.exp(x)
     return replace(base, layer_s=0.0, **values)  # type: ignore[arg-type]
 
 
@@ -140,9 +148,16 @@ def _ape_summary(pairs: list[tuple[float, float]]) -> dict[str, float]:
     return {"median": statistics.median(errors), "p90": p90, "n": float(len(errors))}
 
 
+def usable_runs(obs: list[Observation], max_batch: int) -> tuple[list[Observation], list[str]]:
+    """Runs the steady-state model can be fitted to, and why the others are left out (queueing for a slot)."""
+    usable = [o for o in obs if o.concurrency <= max_batch and o.tpot_s]
+    skipped = [f"concurrency {o.concurrency} > max batch {max_batch}" if o.concurrency > max_batch
+               else f"concurrency {o.concurrency}: no TPOT measured" for o in obs if o not in usable]
+    return usable, skipped
+
+
 def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, obs: list[Observation]) -> Fit:
-    usable = [o for o in obs if o.concurrency <= base.max_batch and o.tpot_s]
-    skipped = [f"concurrency {o.concurrency} > max batch {base.max_batch}" for o in obs if o not in usable]
+    usable, skipped = usable_runs(obs, base.max_batch)
     if len(usable) < 2:
         raise ValueError("calibration needs at least two unsaturated runs with a measured TPOT")
 
@@ -156,9 +171,13 @@ def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, 
                 total += math.log(ttft / ob.ttft_s) ** 2
         return total
 
-    start = [math.log(max(getattr(base, name), 1e-4)) for name in FITTED]
-    best = _nelder_mead(loss, start)
-    best = _nelder_mead(loss, best, step=0.1)  # restart: Nelder-Mead stalls on narrow valleys
+    best = [_to_search(name, getattr(base, name)) for name in FITTED]
+    value = loss(best)
+    for step in (1.0, 0.5, 0.25, 0.1, 0.05, 0.02):  # restarts: Nelder-Mead stalls in narrow valleys
+        candidate = _nelder_mead(loss, best, step=step)
+        candidate_value = loss(candidate)
+        if candidate_value < value:
+            best, value = candidate, candidate_value
     eff = _with_params(base, best)
     eff = _fit_power(model, chip, deploy, eff, usable)
     predicted = [(ob, predict_run(model, chip, deploy, eff, ob)) for ob in usable]

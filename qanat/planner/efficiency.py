@@ -37,6 +37,7 @@ class Efficiency:
     mem_usable: float  # share of memory for weights + KV (the rest: activations, runtime, fragmentation)
     idle_w: float | None = None  # measured idle watts (a calibration); None: the chip's figure or idle_frac
     kv_reserve: str = "max"  # KV held per running sequence: "max" (prompt + all output) or "mean" (+ half the output)
+    token_s: float = 0.0  # fixed seconds per decoded sequence per step (logits, sampling, host bookkeeping)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -173,6 +173,11 @@ class ModelSpec:
     def linear_flops_per_token(self) -> float:
         return 2.0 * self.params_active
 
+    @cached_property
+    def prefill_flops_per_token(self) -> float:
+        """A prompt token skips the output head: only a prompt's last token needs logits."""
+        return 2.0 * (self.params_active - self.vocab * self.d_model)
+
     def attention_flops_per_token(self, context: float) -> float:
         """QK^T and AV for one query token attending to `context` keys, all layers."""
         if self.is_mla:  # absorbed MLA: scores and values both run in the latent width

@@ -92,7 +92,9 @@ class StepModel:
         self.linear_rate = flops * eff.compute * tp
         self.attention_rate = attn_flops * eff.attention * tp
         self.linear_flops = model.linear_flops_per_token
+        self.prefill_flops = model.prefill_flops_per_token
         self.overhead = eff.step_s + eff.layer_s * model.n_layers
+        self.token_s = eff.token_s
         self.comm_per_token = self.comm_fixed = 0.0
         if tp > 1 and chip.interconnect_bw > 0:
             # Two all-reduces per layer (after attention, after the MLP), ring algorithm.
@@ -104,7 +106,8 @@ class StepModel:
         model = self.model
         tokens = load.decode_seqs + load.prefill_tokens
         weights_mem = model.step_weight_bytes(self.precision, tokens) / self.weights_bw if tokens else 0.0
-        weights_compute = self.linear_flops * tokens / self.linear_rate
+        flops = self.linear_flops * load.decode_seqs + self.prefill_flops * load.prefill_tokens
+        weights_compute = flops / self.linear_rate
         kv_mem = load.decode_seqs * model.kv_bytes(self.kv_elem_bytes, load.decode_context) / self.bandwidth
         # Decode attention streams the cache (counted in kv_mem); its FLOPs only matter when they exceed that time.
         decode_attn = load.decode_seqs * model.attention_flops_per_token(load.decode_context) / self.attention_rate
@@ -112,7 +115,8 @@ class StepModel:
                         / self.attention_rate if load.prefill_tokens else 0.0)
         attention = prefill_attn + max(0.0, decode_attn - kv_mem)
         comm = self.comm_fixed + self.comm_per_token * tokens if self.comm_fixed or self.comm_per_token else 0.0
-        return StepTime(weights_mem, weights_compute, kv_mem, attention, comm, self.overhead)
+        return StepTime(weights_mem, weights_compute, kv_mem, attention, comm,
+                        self.overhead + self.token_s * load.decode_seqs)
 
 
 def step_time(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency, load: StepLoad) -> StepTime:

@@ -13,7 +13,16 @@ from qanat.bench.report import SCHEMA_VERSION
 from qanat.bench.sweep import sweep_points
 from qanat.cli import main
 from qanat.models.locate import DEFAULT_MODEL_ID, default_model_path
-from qanat.planner.calibrate import Observation, find_profile, fit, observations, predict_run, save_profile
+from qanat.planner.calibrate import (
+    Fit,
+    Observation,
+    find_profile,
+    fit,
+    observations,
+    predict_run,
+    save_profile,
+    usable_runs,
+)
 from qanat.planner.chips import ChipSpec
 from qanat.planner.efficiency import default_efficiency
 from qanat.planner.gguf import model_from_gguf
@@ -25,7 +34,7 @@ from qanat.planner.step import Deployment
 
 # A fixed stand-in for this-machine, so the test does not depend on the host it runs on.
 HOST = ChipSpec("test-host", "cpu-host", {"fp32": 300e9, "bf16": 300e9, "int8": 1.2e12}, 16e9, 20e9, 40.0, idle_w=5.0)
-TRUE = {"mem": 0.42, "compute": 0.21, "attention": 0.09, "step_s": 0.012}
+TRUE = {"mem": 0.42, "compute": 0.21, "attention": 0.09, "step_s": 0.012, "token_s": 0.004}
 TRUE_POWER = {"idle_w": 6.0, "power_mem": 0.35, "power_compute": 0.55}
 
 
@@ -62,16 +71,23 @@ def synthetic_result(model: ModelSpec, deploy: Deployment, truth: dict[str, floa
     return {"schema_version": SCHEMA_VERSION, "runs": runs, "config": config}
 
 
-def test_fit_recovers_known_factors() -> None:
+@pytest.fixture(scope="module")
+def fitted() -> Fit:
+    """One fit for the module (a fit takes seconds): from the class default, far from the truth."""
+    model, deploy = _setup()
+    return fit(model, HOST, deploy, default_efficiency("cpu-host")[0],
+               observations(synthetic_result(model, deploy, TRUE)))
+
+
+def test_fit_recovers_known_factors(fitted: Fit) -> None:
     model, deploy = _setup()
     result = synthetic_result(model, deploy, TRUE)
-    base, _ = default_efficiency("cpu-host")  # starts from the class default, far from the truth
-    fitted = fit(model, HOST, deploy, base, observations(result))
     e = fitted.efficiency
     assert e.mem == pytest.approx(TRUE["mem"], rel=0.03)
     assert e.compute == pytest.approx(TRUE["compute"], rel=0.03)
     assert e.step_s == pytest.approx(TRUE["step_s"], rel=0.03)
-    assert e.attention == pytest.approx(TRUE["attention"], rel=0.15)  # the weakest signal in a short sweep
+    assert e.token_s == pytest.approx(TRUE["token_s"], rel=0.03)
+    assert e.attention == pytest.approx(TRUE["attention"], rel=0.05)
     assert e.idle_w == pytest.approx(TRUE_POWER["idle_w"], rel=0.05)
     assert e.power_mem == pytest.approx(TRUE_POWER["power_mem"], rel=0.05)
     assert e.power_compute == pytest.approx(TRUE_POWER["power_compute"], rel=0.05)
@@ -82,9 +98,10 @@ def test_fit_recovers_known_factors() -> None:
 def test_saturated_runs_are_left_out() -> None:
     model, deploy = _setup()
     obs = observations(synthetic_result(model, deploy, TRUE))
-    base, _ = default_efficiency("cpu-host")
-    fitted = fit(model, HOST, deploy, replace(base, max_batch=4), obs)
-    assert fitted.skipped and all("> max batch 4" in reason for reason in fitted.skipped)
+    usable, skipped = usable_runs(obs, 4)
+    assert {o.concurrency for o in usable} == {1, 4}
+    assert len(skipped) == sum(1 for o in obs if o.concurrency == 16)
+    assert all("> max batch 4" in reason for reason in skipped)
 
 
 def test_profile_round_trip_and_plan_says_calibrated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -116,12 +133,10 @@ def test_profile_round_trip_and_plan_says_calibrated(tmp_path: Path, monkeypatch
     assert json.loads(capsys.readouterr().out)["sources"]["efficiency"] == "default:cpu-host/llama.cpp"
 
 
-def test_profiles_are_keyed_by_chip_engine_and_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_profiles_are_keyed_by_chip_engine_and_precision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         fitted: Fit) -> None:
     monkeypatch.setenv("QANAT_PLANNER_HOME", str(tmp_path))
-    model, deploy = _setup()
-    fitted = fit(model, HOST, deploy, default_efficiency("cpu-host")[0],
-                 observations(synthetic_result(model, deploy, TRUE)))
-    save_profile(HOST, "qanat", "Q4_1", model.name, fitted, "r.json")
+    save_profile(HOST, "qanat", "Q4_1", "m", fitted, "r.json")
     assert find_profile("test-host", "Q4_1", "qanat") is not None
     assert find_profile("test-host", "Q4_1", "vllm") is None
     assert find_profile("test-host", "Q8_0") is None
