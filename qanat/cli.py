@@ -122,6 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
             workload=WorkloadSpec(
                 num_requests=args.num_requests, input_tokens=args.input_tokens, output_tokens=args.output_tokens,
                 shared_prefix_tokens=args.shared_prefix, dataset=args.dataset, seed=args.seed,
+                output_jitter=args.output_jitter if args.output_jitter is not None else (0.5 if args.sweep else 0.0),
             ),
         )
         if args.sweep:
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--input-tokens", type=int, default=200)
     bench.add_argument("--output-tokens", type=int, default=128)
     bench.add_argument("--shared-prefix", type=int, default=0, help="tokens common to every prompt")
+    bench.add_argument("--output-jitter", type=float, default=None,
+                       help="spread output lengths uniformly in [1-F, 1+F] x --output-tokens (default 0; 0.5 with "
+                            "--sweep): fixed lengths make a closed loop run in synchronised waves")
     bench.add_argument("--dataset", choices=["synthetic", "multilingual"], default="synthetic")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")

@@ -3,7 +3,9 @@
 Three phases, each a closed-loop run per point: prefill (concurrency 1, prompts from 1/8 of the longest to
 the longest, a few output tokens: TTFT is the prompt's cost), decode at short context (every concurrency:
 TPOT against batch size) and decode at long context (three concurrencies: TPOT against KV traffic). Each run
-keeps its own workload (`runs[i].workload`, `runs[i].phase`); watts come from the target's reported energy
+keeps its own workload (`runs[i].workload`, `runs[i].phase`). Decode runs spread output lengths (--output-jitter,
+0.5 by default) so the closed loop reaches the staggered steady state the planner predicts instead of running in
+synchronised waves. Watts come from the target's reported energy
 and, when the target is on this host, from this host's NVML or RAPL counter (`runs[i].power_w`).
 """
 
@@ -35,9 +37,10 @@ def sweep_points(concurrencies: tuple[int, ...], max_input: int, output_tokens: 
     levels = sorted(set(concurrencies))
     points = [SweepPoint("prefill", 1, max(8, max_input // d), 4, 4) for d in (8, 4, 2, 1)]
     short = max(16, max_input // 16)
-    points += [SweepPoint("decode-short", c, short, output_tokens, max(4, 3 * c)) for c in levels]
+    # 4 x C requests: the first wave (all C arriving at once) is a quarter of the run, below its median.
+    points += [SweepPoint("decode-short", c, short, output_tokens, max(4, 4 * c)) for c in levels]
     long_levels = sorted({levels[0], levels[len(levels) // 2], levels[-1]})
-    points += [SweepPoint("decode-long", c, max_input // 2, output_tokens, max(4, 3 * c)) for c in long_levels]
+    points += [SweepPoint("decode-long", c, max_input // 2, output_tokens, max(4, 4 * c)) for c in long_levels]
     return points
 
 
@@ -62,6 +65,7 @@ def run_sweep(config: BenchConfig, max_input: int, show_progress: bool = True) -
     for i, point in enumerate(points):
         workload = replace(config.workload, input_tokens=point.input_tokens, output_tokens=point.output_tokens,
                            num_requests=point.num_requests, shared_prefix_tokens=0,
+                           output_jitter=config.workload.output_jitter if point.phase != "prefill" else 0.0,
                            seed=config.workload.seed + 1000 * i)  # fresh prompts: no prefix-cache hits across runs
         start_j, start_s = (meter.read_joules(), time.monotonic()) if meter else (0.0, 0.0)
         result = run_bench(replace(config, concurrency=(point.concurrency,), rate=(), workload=workload),
