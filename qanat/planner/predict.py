@@ -26,6 +26,10 @@ ERROR_BANDS: dict[str, tuple[float, float]] = {
 }
 
 
+# Chip classes with published measurements in that table; the others' defaults are judgment, so no band is claimed.
+VALIDATED_CLASSES = frozenset({"gpu-hbm", "apple-soc", "cpu-edge", "sram-dataflow", "wafer-scale"})
+
+
 @dataclass(frozen=True)
 class Workload:
     input_tokens: int = 1000
@@ -152,8 +156,12 @@ def predict(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficienc
         chip=chip.name, model=model.name, precision=deploy.precision.name, chips_per_replica=deploy.chips,
         fits=cap >= 1, weights_gb=weights / 1e9, kv_gb_per_sequence=per_seq / 1e9, memory_gb=usable / 1e9,
         batch_cap=max(cap, 0), batch_cap_reason=cap_reason, regime="does-not-fit", sources=dict(sources),
-        error_band=dict(error_band if error_band is not None else ({} if calibrated else ERROR_BANDS)),
+        error_band=dict(error_band if error_band is not None else (
+            {} if calibrated or chip.chip_class not in VALIDATED_CLASSES else ERROR_BANDS)),
     )
+    if not calibrated and chip.chip_class not in VALIDATED_CLASSES:
+        pred.notes.append(f"no published measurement validates the {chip.chip_class} defaults, so no error band: "
+                          "calibrate (qanat bench --sweep, then qanat plan --calibrate)")
     if not pred.fits:
         pred.notes.append(f"needs {(weights + per_seq) / 1e9:.1f} GB for weights and one {context}-token sequence; "
                           f"{deploy.chips} x {chip.name} offer {usable / 1e9:.1f} GB usable")

@@ -91,8 +91,9 @@ def print_predictions(preds: Sequence[Prediction], title: str, console: Console 
         console.print(f"[bold]{p.chip}[/bold]: " + "; ".join(f"{k}: {v}" for k, v in p.sources.items()))
         kind = "calibration residuals" if p.sources.get("efficiency", "").startswith("calibrated") else (
             "validation error, uncalibrated")
-        console.print(f"  ± is the median {kind}: " + ", ".join(
-            f"{k} {v[0] * 100:.0f}% (p90 {v[1] * 100:.0f}%)" for k, v in p.error_band.items()))
+        if p.error_band:
+            console.print(f"  ± is the median {kind}: " + ", ".join(
+                f"{k} {v[0] * 100:.0f}% (p90 {v[1] * 100:.0f}%)" for k, v in p.error_band.items()))
         for note in p.notes:
             console.print(f"  note: {note}")
 

@@ -87,7 +87,7 @@ def test_model_that_does_not_fit() -> None:
     pred = plan("Llama-3.1-405B", "L4", tp=1, concurrency=1)
     assert not pred.fits and pred.regime == "does-not-fit"
     assert pred.tpot_s is None and pred.output_tps is None
-    assert "GB" in pred.notes[0]
+    assert any("GB usable" in note for note in pred.notes)
     # The default sizing finds how many it takes instead.
     assert plan("Llama-3.1-405B", "H100-SXM", "fp8", kv=1.0, concurrency=1).chips_per_replica == 8
 
@@ -147,3 +147,11 @@ def test_power_sits_between_idle_and_tdp_and_below_tdp_when_memory_bound() -> No
         assert c.idle_w < watts < 0.70 * c.tdp_w  # type: ignore[operator]
     assert curve.watts(0, 0) == c.idle_w
     assert curve.watts(1, 1) == c.tdp_w  # capped at TDP
+
+
+def test_error_bands_only_where_validated() -> None:
+    validated = plan("Llama-3.1-8B", "H100-SXM", concurrency=4)
+    assert set(validated.error_band) == {"output_tps", "tpot_s", "ttft_s", "joules_per_token"}
+    unvalidated = plan("Llama-3.1-8B", "TPU-v6e", concurrency=4)
+    assert unvalidated.error_band == {}
+    assert any("no published measurement validates the tpu defaults" in n for n in unvalidated.notes)
