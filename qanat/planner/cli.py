@@ -30,6 +30,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", help="latency targets, e.g. ttft=500ms,tpot=50ms")
     p.add_argument("--tp", type=int, help="chips per replica (tensor parallel); default: fewest that fit")
     p.add_argument("--target-rps", type=float, help="size the fleet for this many requests/s")
+    p.add_argument("--chips", type=int, help="chips available: how many replicas they hold and what they serve")
     p.add_argument("--engine", help=f"engine family ({', '.join(ENGINES)}) or a calibrated profile's engine name")
     p.add_argument("--max-batch", type=int, help="running sequences per replica at most (engine's batch cap)")
     p.add_argument("--chunk-tokens", type=int, help="prompt tokens per step at most (chunked prefill)")
@@ -170,7 +171,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return _calibrate(catalog, args)
     slo = Slo.parse(args.slo) if args.slo else None
     workload = Workload(args.input_tokens, args.output_tokens, args.concurrency, args.rate,
-                        slo.ttft_s if slo else None, slo.tpot_s if slo else None, args.target_rps)
+                        slo.ttft_s if slo else None, slo.tpot_s if slo else None, args.target_rps, args.chips)
     model = _model(catalog, args.model)
     chips = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else [args.chip]
     preds = [plan_one(catalog, model, name, args, workload) for name in chips]

@@ -39,6 +39,7 @@ class Workload:
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
     target_rps: float | None = None  # load to size the fleet for (requests/s)
+    fleet_chips: int | None = None  # chips available: replicas = fleet_chips // chips per replica
 
     def __post_init__(self) -> None:
         if self.input_tokens < 1 or self.output_tokens < 1:
@@ -80,6 +81,8 @@ class Prediction:
     usd_per_million_tokens: float | None = None
     replicas_needed: int | None = None
     chips_needed: int | None = None
+    fleet_replicas: int | None = None
+    fleet_output_tps: float | None = None  # all replicas of --chips at this point
     sources: dict[str, str] = field(default_factory=dict)
     error_band: dict[str, tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -194,6 +197,11 @@ def predict(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficienc
             pred.chips_needed = pred.replicas_needed * deploy.chips
         else:
             pred.notes.append("no concurrency meets the latency targets: no fleet size does")
+    if w.fleet_chips is not None:
+        pred.fleet_replicas = w.fleet_chips // deploy.chips
+        pred.fleet_output_tps = pred.fleet_replicas * op.output_tps
+        if not pred.fleet_replicas:
+            pred.notes.append(f"{w.fleet_chips} chips hold no replica of {deploy.chips}")
     if op.saturated:
         pred.notes.append(f"saturated: {op.concurrency:g} requests for {cap} slots ({cap_reason}); "
                           f"TTFT is mostly queue wait ({op.queue_wait_s:.2f} s)")

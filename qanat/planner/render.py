@@ -51,6 +51,8 @@ ROWS: list[tuple[str, str, Callable[[Prediction], str]]] = [
     ("$ per million output tokens", "$/Mtok", lambda p: _num(p.usd_per_million_tokens, ",.3f", unit=" $")),
     ("chips for target load", "chips needed", lambda p: "—" if p.chips_needed is None
      else f"{p.chips_needed} ({p.replicas_needed} replicas)"),
+    ("fleet output tok/s (--chips)", "fleet tok/s", lambda p: "—" if p.fleet_output_tps is None
+     else f"{p.fleet_output_tps:,.0f} ({p.fleet_replicas} replicas)"),
 ]
 _COMPACT_SKIP = {"memory", "output tok/s per chip", "batch cap"}
 
@@ -66,6 +68,8 @@ def prediction_table(preds: Sequence[Prediction], title: str) -> Table:
     skip = set(_COMPACT_SKIP)
     if all(p.chips_needed is None for p in preds):
         skip.add("chips for target load")
+    if all(p.fleet_output_tps is None for p in preds):
+        skip.add("fleet output tok/s (--chips)")
     if all(p.max_concurrency_slo in (None, p.batch_cap) for p in preds):
         skip.add("max concurrency in SLO")
     rows = [r for r in ROWS if r[0] not in skip]

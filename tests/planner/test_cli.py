@@ -41,6 +41,14 @@ def test_compare_table_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_fleet_of_chips(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "Llama-3.3-70B", "--chip", "H100-SXM", "--precision", "fp8", "--tp", "2",
+                 "--chips", "16", "--concurrency", "32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fleet_replicas"] == 8
+    assert out["fleet_output_tps"] == pytest.approx(8 * out["output_tps"])
+
+
 def test_compare_json_is_a_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "Qwen3-30B-A3B", "--compare", "B200,L4", "--json", "--concurrency", "4"]) == 0
     out = json.loads(capsys.readouterr().out)
