@@ -1,7 +1,8 @@
 """Calibration: fit one chip's efficiency factors and power curve to a `qanat bench` result, and keep them
 as a profile keyed by (chip, engine, precision) that later predictions use (and say so).
 
-The fit minimises squared log errors of the predicted median TPOT and TTFT of every unsaturated run, with the
+The fit minimises a robust (soft-L1) loss on the log errors of the predicted median TPOT and TTFT of every
+unsaturated run (a run slowed by other work on a shared host should not drag the factors), with the
 same step and queue model `qanat plan` predicts with, over five factors: bandwidth, compute and attention
 efficiency, a fixed time per step (per-layer and per-step costs are one constant for a fixed model) and a fixed
 time per decoded sequence (logits, sampling: what batching a decode does not amortise). Power, when the result
@@ -27,11 +28,13 @@ from qanat.planner.serving import Engine, Traffic
 from qanat.planner.step import Deployment
 
 FITTED = ("mem", "compute", "attention", "step_s", "token_s")
+ROBUST_SCALE = 0.25  # log-error where the loss turns from quadratic to linear: runs hit by other load weigh less
 MIN_TPOT_TOKENS = 8  # a TPOT over fewer output tokens (the prefill runs') is a few gaps of noise: not fitted
 # A second start for the search: a host far from its datasheet (slow, overhead-heavy), where fits of
 # contended CPUs land; the better of the two fits is kept.
 _SLOW_START = {"mem": 0.3, "compute": 0.05, "attention": 0.05, "step_s": 0.05, "token_s": 0.01}
-_SHARES = {"mem", "compute", "attention"}  # in (0, 1): searched through a logistic; times through a logarithm
+# Every factor is searched through its logarithm: positive, unbounded. Efficiencies above 1 are legitimate where the
+# chip's reference figure is a floor (this-machine's bandwidth probe is one thread; a small model may sit in cache).
 
 
 @dataclass(frozen=True)
@@ -112,18 +115,12 @@ def _nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float
 
 
 def _to_search(name: str, value: float) -> float:
-    if name in _SHARES:
-        v = min(max(value, 1e-4), 0.999)
-        return math.log(v / (1 - v))
     return math.log(max(value, 1e-5))
 
 
 def _with_params(base: Efficiency, xs: Sequence[float]) -> Efficiency:
     """Unbounded search coordinates -> factors (no clamps: a clamp is a flat region Nelder-Mead stalls on)."""
-    values: dict[str, float] = {}
-    for name, x in zip(FITTED, xs, strict=True):
-        x = min(max(x, -30.0), 30.0)
-        values[name] = 1 / (1 + math.exp(-x)) if name in _SHARES else math.exp(x)
+    values = {name: math.exp(min(max(x, -30.0), 30.0)) for name, x in zip(FITTED, xs, strict=True)}
     return replace(base, layer_s=0.0, **values)  # type: ignore[arg-type]
 
 
@@ -165,15 +162,18 @@ def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, 
     if len(usable) < 2:
         raise ValueError("calibration needs at least two unsaturated runs with a measured TPOT")
 
+    def robust(log_error: float) -> float:  # pseudo-Huber (soft L1): quadratic near 0, linear past ROBUST_SCALE
+        return 2 * ROBUST_SCALE**2 * (math.sqrt(1 + (log_error / ROBUST_SCALE) ** 2) - 1)
+
     def loss(logs: list[float]) -> float:
         eff = _with_params(base, logs)
         total = 0.0
         for ob in usable:
             tpot, ttft, _ = predict_run(model, chip, deploy, eff, ob)
             if ob.output_tokens >= MIN_TPOT_TOKENS:
-                total += math.log(tpot / ob.tpot_s) ** 2  # type: ignore[operator]
+                total += robust(math.log(tpot / ob.tpot_s))  # type: ignore[operator]
             if ob.ttft_s:
-                total += math.log(ttft / ob.ttft_s) ** 2
+                total += robust(math.log(ttft / ob.ttft_s))
         return total
 
     results = []

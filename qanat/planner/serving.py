@@ -1,13 +1,12 @@
 """The operating point of one replica under load: steady-state step time, TPOT and TTFT (with queueing).
 
-Token accounting in steady state: with N sequences decoding and requests arriving at rate λ, each step
-carries N decodes plus λ·P·t_step prompt tokens (chunked prefill shares the step with decodes), so
-TPOT = t_step. Prompts queue for the engine's prefill capacity like an M/D/1 queue: utilisation
-ρ = λ·S (S: the step time a prompt adds), wait Wq = ρ·S / (2(1-ρ)), at most (N-1)·S with N requests in the
-engine; TTFT = half a step (the step in
-flight) + the prompt's own chunks + Wq. Closed loop (concurrency C): λ = C / (TTFT + (O-1)·TPOT). Open loop
-(rate λ): the C that gives that λ. Past the engine's batch cap (or the KV cache's), requests wait in a
-queue whose wait Little's law gives: that TTFT is queue wait, and the point is flagged saturated.
+Token accounting in steady state: with requests completing at rate λ, each step carries λ·(O-1)·t decodes plus
+λ·P·t prompt tokens (chunked prefill shares the step with decodes), so TPOT = t solves t = step(t). Prompts queue
+for the engine's prefill capacity, utilisation ρ = λ·S (S: the step time a prompt adds): with Poisson arrivals
+(open loop) the wait is M/D/1's ρ·S / (2(1-ρ)); a closed loop of C requests is far less bursty, and its wait comes
+from mean-value analysis. TTFT = half a step (the step in flight) + the prompt's own chunks + the wait. Closed
+loop: the λ with C = λ·(TTFT + (O-1)·TPOT). Past the engine's batch cap (or the KV cache's), requests wait for a
+slot; Little's law gives that wait, TTFT is then mostly queue wait, and the point is flagged saturated.
 """
 
 from __future__ import annotations
@@ -44,6 +43,24 @@ class Traffic:
     output_tokens: int
 
 
+def closed_queue_wait(n: float, service: float, delay: float) -> float:
+    """Mean wait for prefill in a closed system of `n` requests, each needing `service` seconds of the engine's
+    prefill capacity and then `delay` seconds elsewhere: mean-value analysis (the arrival theorem: an arriving
+    request finds the queue of a system with one request fewer), with half a service left of the prompt in
+    service because prefill times are deterministic, not exponential. Fractional `n` interpolates."""
+    if service <= 0 or n <= 1:
+        return 0.0
+    queue = busy = 0.0
+    waits = [0.0]
+    for k in range(1, math.ceil(n) + 1):
+        wait = (queue - busy) * service + busy * service / 2
+        throughput = k / (wait + service + delay)
+        queue, busy = throughput * (wait + service), throughput * service
+        waits.append(wait)
+    lo = math.floor(n)
+    return waits[lo] + (n - lo) * (waits[min(lo + 1, len(waits) - 1)] - waits[lo])
+
+
 class Engine:
     """One replica: model on `deploy.chips` chips with efficiency factors; answers step and load questions."""
 
@@ -71,13 +88,13 @@ class Engine:
     def _steady_step(self, rate: float, traffic: Traffic) -> StepTime | None:
         """The step when requests complete at `rate`: it carries rate·(O-1)·t decodes and rate·P·t prompt tokens
         (Little's law), so t = T(t). T is increasing and nearly linear in t: secant steps from T(0). None: the
-        engine cannot keep up with that rate (T(t) > t for every t)."""
+        engine cannot keep up with that rate (T(t) > t for every t, or the prompt tokens a step must take exceed
+        the chunk it may take: the prompt queue would grow without bound)."""
         p, o = traffic.input_tokens, traffic.output_tokens
         context = p + o / 2
 
         def at(t: float) -> StepTime:
-            return self.step(StepLoad(max(rate * (o - 1) * t, 1e-9), context, min(rate * p * t, self.eff.chunk_tokens),
-                                      p / 2))
+            return self.step(StepLoad(max(rate * (o - 1) * t, 1e-9), context, rate * p * t, p / 2))
 
         t0, s0 = 0.0, at(0.0)
         t1 = s0.total_s
@@ -85,17 +102,15 @@ class Engine:
         for _ in range(60):
             g0, g1 = s0.total_s - t0, s1.total_s - t1
             if abs(g1) <= 1e-9 * t1:
-                return s1
+                return s1 if rate * p * t1 <= self.eff.chunk_tokens else None
             slope = (g1 - g0) / (t1 - t0) if t1 != t0 else -1.0
-            if slope >= 0:  # T grows as fast as t: no fixed point unless the prefill chunk cap bites later
-                t_next = t1 * 2 + s1.total_s
-                if t_next > 1e6:
-                    return None
+            if slope >= 0:  # T grows at least as fast as t: no fixed point, the engine cannot keep up
+                return None
             else:
                 t_next = t1 - g1 / slope
             t0, s0, t1 = t1, s1, max(t_next, 1e-12)
             s1 = at(t1)
-        return s1
+        return s1 if rate * p * t1 <= self.eff.chunk_tokens else None
 
     def _point(self, rate: float, traffic: Traffic, running: float | None = None) -> OperatingPoint | None:
         """Latencies at completion rate `rate`; None when the engine cannot sustain it."""
@@ -109,9 +124,10 @@ class Engine:
         rho = rate * extra
         if rho >= 1:
             return None
-        wait = rho * extra / (2 * (1 - rho))  # M/D/1: prompts queue for the engine's prefill capacity
-        if running is not None:
-            wait = min(wait, max(running - 1, 0) * extra)  # a closed system: at most everyone else ahead
+        if running is None:  # open loop, Poisson arrivals: M/D/1
+            wait = rho * extra / (2 * (1 - rho))
+        else:  # closed loop: N requests cycle between the prefill queue and everything else
+            wait = closed_queue_wait(running, extra, own - extra + (o - 0.5) * tpot)
         ttft = 0.5 * tpot + own + wait
         in_system = rate * (ttft + (o - 1) * tpot)
         return OperatingPoint(in_system, in_system, ttft, tpot, rate, o, step, 0.0, False)
