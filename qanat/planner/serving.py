@@ -104,8 +104,10 @@ class Engine:
             if abs(g1) <= 1e-9 * t1:
                 return s1 if rate * p * t1 <= self.eff.chunk_tokens else None
             slope = (g1 - g0) / (t1 - t0) if t1 != t0 else -1.0
-            if slope >= 0:  # T grows at least as fast as t: no fixed point, the engine cannot keep up
-                return None
+            if slope >= 0:  # T still outgrows t here (MoE: experts get touched fast, then T flattens): step out
+                t_next = t1 * 2 + s1.total_s
+                if t_next > 1e6:  # no fixed point: the engine cannot keep up with this rate
+                    return None
             else:
                 t_next = t1 - g1 / slope
             t0, s0, t1 = t1, s1, max(t_next, 1e-12)
@@ -136,7 +138,7 @@ class Engine:
         """Steady state with `running` requests in the engine (closed loop): the rate whose Little's-law population
         is `running`, found by false position (the population grows with the rate)."""
         o = traffic.output_tokens
-        idle = self._point(1e-12, traffic, running)
+        idle = self._point(1e-12, traffic)  # no load, no queue: the shortest a request can take
         assert idle is not None, "an idle engine always keeps up"
         lo, hi = 0.0, running / (idle.ttft_s + (o - 1) * idle.tpot_s)  # the rate cannot beat no contention
         f_lo, f_hi = -running, self._excess(hi, traffic, running)

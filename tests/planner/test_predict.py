@@ -155,3 +155,21 @@ def test_error_bands_only_where_validated() -> None:
     unvalidated = plan("Llama-3.1-8B", "TPU-v6e", concurrency=4)
     assert unvalidated.error_band == {}
     assert any("no published measurement validates the tpu defaults" in n for n in unvalidated.notes)
+
+
+@pytest.mark.parametrize(("model", "chip", "precision", "running", "prompt", "output"), [
+    ("Llama-3.1-8B", "H100-SXM", "fp8", 64, 1000, 200),
+    ("Qwen3-30B-A3B", "B200", "fp4", 2048, 128, 128),  # MoE: bytes per step rise fast, then flatten
+    ("Llama-3.3-70B", "H100-SXM", "fp8", 50, 5000, 500),
+])
+def test_closed_loop_holds_the_requested_population(model: str, chip: str, precision: str, running: int,
+                                                    prompt: int, output: int) -> None:
+    from dataclasses import replace
+
+    m, c = CATALOG.model(model), CATALOG.chip(chip)
+    eff = replace(default_efficiency(c.chip_class)[0], max_batch=4096)
+    tp = 2 if model == "Llama-3.3-70B" else 1
+    engine = Engine(m, c, Deployment(tp, get_precision(precision), 1.0), eff)
+    op = engine.running_point(running, Traffic(prompt, output))
+    # Little's law, recomputed from the point's own figures: completion rate x time in system = population.
+    assert op.request_rate * (op.ttft_s + (output - 1) * op.tpot_s) == pytest.approx(running, rel=1e-3)
