@@ -22,6 +22,7 @@ from qanat.engine.client import (
     ModelCard,
     Prompt,
     RequestError,
+    RequestHints,
     TokenPrompt,
 )
 from qanat.engine.core.detokenizer import IncrementalDetokenizer
@@ -77,8 +78,8 @@ class LocalEngine:
             return prompt
         return await asyncio.to_thread(self.render_sync, prompt)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
-                       ) -> AsyncIterator[Delta]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                       hints: RequestHints | None = None) -> AsyncIterator[Delta]:
         tokens = await self.render(prompt)
         assert isinstance(tokens, TokenPrompt)
         request = self.make_request(list(tokens.token_ids), params, request_id)
