@@ -70,8 +70,8 @@ class RemoteEngine:
             limits=httpx.Limits(max_connections=settings.max_connections,
                                 max_keepalive_connections=settings.max_connections),
         )
-        self._card = ModelCard(id=settings.model, context_length=0, owned_by="remote", chip=f"remote: {settings.base_url}",
-                               energy_source="unknown", has_chat_template=True)
+        self._card = ModelCard(id=settings.model, context_length=0, owned_by="remote",
+                               chip=f"remote: {settings.base_url}", energy_source="unknown", has_chat_template=True)
         self.is_qanat = False
         self._in_flight = 0
         self._energy_j = 0.0
@@ -89,7 +89,8 @@ class RemoteEngine:
         self.is_qanat = card.get("owned_by") == "qanat"
         self._card = ModelCard(
             id=self.settings.model, context_length=int(card.get("context_length") or card.get("max_model_len") or 0),
-            owned_by=str(card.get("owned_by", "remote")), chip=str(card.get("chip", f"remote: {self.settings.base_url}")),
+            owned_by=str(card.get("owned_by", "remote")),
+            chip=str(card.get("chip", f"remote: {self.settings.base_url}")),
             energy_source=str(card.get("energy_source", "unknown")), has_chat_template=True,
         )
 
@@ -283,7 +284,8 @@ def _response_format(params: SamplingParams) -> dict[str, Any]:
     if constraint.kind is ConstraintKind.JSON_OBJECT:
         return {"type": "json_object"}
     if constraint.kind is ConstraintKind.JSON_SCHEMA:
-        return {"type": "json_schema", "json_schema": {"name": "response", "schema": json.loads(constraint.spec or "{}")}}
+        schema = json.loads(constraint.spec or "{}")
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
     raise InvalidRequestError("a GBNF grammar cannot be sent to a remote OpenAI-compatible server", param="grammar")
 
 

@@ -97,16 +97,18 @@ class QanatFile(_Strict):
     models: Annotated[list[ModelSpec], Field(min_length=1)]
     guardrails: str | None = None
 
-    @model_validator(mode="after")
-    def _references(self) -> QanatFile:
+    def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Names that must match across models, as (where, what is wrong)."""
+        errors: list[tuple[tuple[str | int, ...], str]] = []
         names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, got {names}")
-        for model in self.models:
-            for fallback in model.fallbacks:
+        for i, model in enumerate(self.models):
+            if names.index(model.name) != i:
+                errors.append((("models", i, "name"), f"model name {model.name!r} is used twice"))
+            for j, fallback in enumerate(model.fallbacks):
                 if fallback not in names or fallback == model.name:
-                    raise ValueError(f"model {model.name}: fallback {fallback!r} is not another model of this file")
-        return self
+                    errors.append((("models", i, "fallbacks", j),
+                                   f"fallback {fallback!r} is not another model of this file"))
+        return errors
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,14 @@ def load_config_file(path: str | Path) -> LoadedFile:
     lines: dict[tuple[str | int, ...], int] = {}
     data = _to_python(node, (), lines)
     try:
-        return LoadedFile(QanatFile.model_validate(data), path)
+        spec = QanatFile.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         loc = tuple(first["loc"])
-        line = _line_of(loc, lines)
-        raise ConfigError(f"{path}:{line}: {_field(loc) or 'file'}: {first['msg']}") from e
+        raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc) or 'file'}: {first['msg']}") from e
+    for loc, message in spec.reference_errors():
+        raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc)}: {message}")
+    return LoadedFile(spec, path)
 
 
 def _to_python(node: yaml.Node, path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]) -> Any:

@@ -9,7 +9,10 @@ _OVERHEAD_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
 
 
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """Owns its registry; the serving app's registry collects it (a registry is itself a collector)."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "qanat_router_requests", "Requests per replica by outcome: ok, continued (finished a stream another "
             "replica started), failed, full", ["model", "replica", "outcome"], registry=registry)

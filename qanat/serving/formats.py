@@ -15,13 +15,23 @@ class Choice:
 
     text: str = ""
     logprobs: list[Logprobs] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     last: Delta | None = None
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
         if delta.logprobs is not None:
             self.logprobs.append(delta.logprobs)
+        self.token_ids.extend(delta.token_ids)
         self.last = delta
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What the request asked for besides text."""
+
+    logprobs: bool = False
+    token_ids: bool = False  # `return_token_ids` (vLLM's extension): the sampled ids, e.g. for a router
 
 
 def finish_reason(delta: Delta | None) -> str | None:
@@ -36,13 +46,13 @@ class ResponseFormat(Protocol):
     id_prefix: str
     prompt_param: str  # the body field that holds the prompt, for error messages
 
-    def choice(self, index: int, choice: Choice, with_logprobs: bool) -> dict[str, Any]: ...
+    def choice(self, index: int, choice: Choice, extras: Extras) -> dict[str, Any]: ...
 
     def opening(self, index: int) -> list[dict[str, Any]]:
         """Choice entries sent before any token."""
         ...
 
-    def delta_choices(self, index: int, delta: Delta, with_logprobs: bool) -> list[dict[str, Any]]: ...
+    def delta_choices(self, index: int, delta: Delta, extras: Extras) -> list[dict[str, Any]]: ...
 
 
 class ChatFormat:
@@ -51,23 +61,25 @@ class ChatFormat:
     id_prefix = "chatcmpl"
     prompt_param = "messages"
 
-    def choice(self, index: int, choice: Choice, with_logprobs: bool) -> dict[str, Any]:
+    def choice(self, index: int, choice: Choice, extras: Extras) -> dict[str, Any]:
         return {
             "index": index,
             "message": {"role": "assistant", "content": choice.text},
-            "logprobs": _chat_logprobs(choice.logprobs) if with_logprobs else None,
+            "logprobs": _chat_logprobs(choice.logprobs) if extras.logprobs else None,
             "finish_reason": finish_reason(choice.last),
+            **({"token_ids": choice.token_ids} if extras.token_ids else {}),
         }
 
     def opening(self, index: int) -> list[dict[str, Any]]:
         return [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]
 
-    def delta_choices(self, index: int, delta: Delta, with_logprobs: bool) -> list[dict[str, Any]]:
+    def delta_choices(self, index: int, delta: Delta, extras: Extras) -> list[dict[str, Any]]:
         entries = []
-        if delta.text or delta.logprobs is not None:
-            lp = _chat_logprobs([delta.logprobs]) if with_logprobs and delta.logprobs is not None else None
-            entries.append({"index": index, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": None})
+        if delta.text or delta.logprobs is not None or (extras.token_ids and delta.token_ids):
+            lp = _chat_logprobs([delta.logprobs]) if extras.logprobs and delta.logprobs is not None else None
+            entry = {"index": index, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": None}
+            entries.append({**entry, "token_ids": list(delta.token_ids)} if extras.token_ids else entry)
         if delta.finish_reason is not None:
             entries.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(delta)})
         return entries
@@ -79,19 +91,22 @@ class CompletionFormat:
     id_prefix = "cmpl"
     prompt_param = "prompt"
 
-    def choice(self, index: int, choice: Choice, with_logprobs: bool) -> dict[str, Any]:
+    def choice(self, index: int, choice: Choice, extras: Extras) -> dict[str, Any]:
         return {"index": index, "text": choice.text,
-                "logprobs": _completion_logprobs(choice.logprobs) if with_logprobs else None,
-                "finish_reason": finish_reason(choice.last)}
+                "logprobs": _completion_logprobs(choice.logprobs) if extras.logprobs else None,
+                "finish_reason": finish_reason(choice.last),
+                **({"token_ids": choice.token_ids} if extras.token_ids else {})}
 
     def opening(self, index: int) -> list[dict[str, Any]]:
         return []
 
-    def delta_choices(self, index: int, delta: Delta, with_logprobs: bool) -> list[dict[str, Any]]:
-        if not (delta.text or delta.finish_reason is not None or delta.logprobs is not None):
+    def delta_choices(self, index: int, delta: Delta, extras: Extras) -> list[dict[str, Any]]:
+        if not (delta.text or delta.finish_reason is not None or delta.logprobs is not None
+                or (extras.token_ids and delta.token_ids)):
             return []
-        lp = _completion_logprobs([delta.logprobs]) if with_logprobs and delta.logprobs is not None else None
-        return [{"index": index, "text": delta.text, "logprobs": lp, "finish_reason": finish_reason(delta)}]
+        lp = _completion_logprobs([delta.logprobs]) if extras.logprobs and delta.logprobs is not None else None
+        entry = {"index": index, "text": delta.text, "logprobs": lp, "finish_reason": finish_reason(delta)}
+        return [{**entry, "token_ids": list(delta.token_ids)} if extras.token_ids else entry]
 
 
 def _chat_logprobs(entries: list[Logprobs]) -> dict[str, Any]:

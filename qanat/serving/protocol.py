@@ -81,6 +81,7 @@ class _CommonRequest(BaseModel):
     min_p: Annotated[float, _bounded("min_p")] | None = None
     repetition_penalty: Annotated[float, _bounded("repetition_penalty")] | None = None
     ignore_eos: bool = False
+    return_token_ids: bool = False  # vLLM's extension: each choice carries the ids it sampled
     stop_token_ids: Annotated[
         list[Annotated[int, Field(ge=0)]], Field(max_length=int(LIMITS["stop_token_ids"].hi))
     ] | None = None
@@ -166,3 +167,19 @@ class CompletionRequest(_CommonRequest):
         if isinstance(prompt[0], int):
             return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
         return [TextPrompt(str(p)) for p in prompt]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a text prompt, or chat messages rendered with the model's template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    def prompt_of(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give exactly one of 'prompt' or 'messages'", param="prompt")
+        if self.messages is not None:
+            return ChatCompletionRequest(model=self.model, messages=self.messages).prompts()[0]
+        return TextPrompt(self.prompt or "")

@@ -101,7 +101,7 @@ def test_one_auth_dependency_on_every_route_but_the_probes(engine: LocalEngine) 
     assert call(engine, "POST", "/v1/chat/completions", keyed, json=CHAT).json()["error"]["code"] == "invalid_api_key"
     assert call(engine, "GET", "/health", keyed).status_code == 200
     ready = call(engine, "GET", "/ready", keyed)
-    assert ready.status_code == 200 and ready.json()["model"] == MODEL
+    assert ready.status_code == 200 and ready.json()["models"] == [MODEL]
 
 
 def test_models_card_and_metrics(engine: LocalEngine) -> None:
