@@ -279,7 +279,8 @@ class ModelRouter:
         now = time.monotonic()
         return [{"name": r.name, "kind": "remote" if isinstance(r.engine, RemoteEngine) else "local",
                  "qanat": r.continuable, "state": r.state(now), "outstanding": r.view.outstanding,
-                 "joules_per_token": r.view.joules_per_token} for r in self.replicas]
+                 "joules_per_token": r.view.joules_per_token, "executor_pid": r.engine.health().executor_pid}
+                for r in self.replicas]
 
     def load(self) -> EngineLoad:
         loads = [r.engine.load() for r in self.replicas]
