@@ -94,6 +94,7 @@ def test_secrets_come_from_the_environment(tmp_path: Path, monkeypatch: pytest.M
 
 def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", str(write(tmp_path, GOOD))]) == 0
-    assert "smollm2: least_load over local-a (local default), gpu-b (http://127.0.0.1:8101/v1)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "smollm2: least_load over local-a (local default), gpu-b (http://127.0.0.1:8101/v1)" in out
     assert main(["config", "check", str(write(tmp_path, GOOD.replace("parallel: 8", "parallel: 0")))]) == 2
     assert ":8: models[0].replicas[0].parallel" in capsys.readouterr().err
