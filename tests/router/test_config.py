@@ -98,3 +98,9 @@ def test_config_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "smollm2: least_load over local-a (local default), gpu-b (http://127.0.0.1:8101/v1)" in out
     assert main(["config", "check", str(write(tmp_path, GOOD.replace("parallel: 8", "parallel: 0")))]) == 2
     assert ":8: models[0].replicas[0].parallel" in capsys.readouterr().err
+
+
+def test_the_example_in_the_repository_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).parent.parent.parent / "examples" / "qanat.yaml"
+    assert main(["config", "check", str(example)]) == 0
+    assert "smollm2: least_load over local-a (local default), local-b (local default)" in capsys.readouterr().out
