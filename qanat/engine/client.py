@@ -30,6 +30,9 @@ class TextPrompt:
 @dataclass(frozen=True)
 class TokenPrompt:
     token_ids: tuple[int, ...]
+    # Output another replica already streamed for this prompt: recomputed as output (one decode step each, as
+    # it was first computed, so a deterministic engine reaches bit-identical numbers) and never sent again.
+    generated_ids: tuple[int, ...] = ()
 
 
 Prompt = ChatPrompt | TextPrompt | TokenPrompt

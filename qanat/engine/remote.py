@@ -186,6 +186,8 @@ class RemoteEngine:
             body["prompt"] = prompt.text
         else:
             body["prompt"] = list(prompt.token_ids)
+            if prompt.generated_ids:
+                body["continue_token_ids"] = list(prompt.generated_ids)  # Qanat's extension
         if self.is_qanat:
             body["return_token_ids"] = True
         defaults = SamplingParams()

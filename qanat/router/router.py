@@ -5,8 +5,9 @@
 - A failure before the first token (5xx, reset, timeout, a dead executor, a full queue) is retried on another
   replica, `max_retries` times, with a short backoff. A client error (400, an upstream 4xx) is passed through.
 - A stream whose replica dies midway continues on another Qanat replica (local, or a `qanat serve` upstream):
-  the prompt plus the tokens already sent is prefilled there, and the stream goes on under the same response,
-  with no token sent twice or lost. Other upstreams cannot take token ids, so there the stream ends with an
+  the prompt is prefilled there and the tokens already sent are replayed as its output (decoded one by one,
+  as they were first computed, and not sent again), and the stream goes on under the same response, with no
+  token sent twice or lost. Other upstreams cannot take token ids, so there the stream ends with an
   error event.
 - `fail_after` consecutive failures eject a replica for `cooldown_s`; then it gets traffic again.
 - When no replica of the model is available, the model's fallbacks serve the request.
@@ -175,8 +176,7 @@ class ModelRouter:
                 raise EngineUnavailableError(self._unavailable_message(first is not None))
             tried.add(replica.name)
             self.metrics.overhead.labels(self.name).observe(time.perf_counter() - entered_s)
-            target: Prompt = prompt if first is None else TokenPrompt((prompt_ids or ()) + tuple(sent))
-            replica_params = params if first is None else _remaining(params, len(sent))
+            target: Prompt = prompt if first is None else TokenPrompt(prompt_ids or (), tuple(sent))
             replica.view.outstanding += 1
             replica.view.outstanding_tokens += route.max_tokens
             started_s = time.perf_counter()
@@ -184,9 +184,9 @@ class ModelRouter:
                 rendered = await replica.engine.render(target)
                 if first is None and isinstance(rendered, TokenPrompt):
                     prompt_ids = rendered.token_ids
-                async for delta in replica.engine.generate(rendered, replica_params, request_id, hints):
-                    if continued_after is not None and first is not None:
-                        delta = _continued(delta, first, len(prompt_ids or ()), continued_after)
+                async for delta in replica.engine.generate(rendered, params, request_id, hints):
+                    if continued_after is not None and first is not None and delta.finish_reason is not None:
+                        delta = replace(delta, num_cached_tokens=first.num_cached_tokens)
                     first = first or delta
                     sent.extend(delta.token_ids)
                     yield replace(delta, replica=replica.name)
@@ -305,16 +305,4 @@ class ModelRouter:
             replica.engine.shutdown()
 
 
-def _remaining(params: SamplingParams, n_sent: int) -> SamplingParams:
-    if params.max_tokens is None:
-        return params
-    return replace(params, max_tokens=max(params.max_tokens - n_sent, 1))
-
-
-def _continued(delta: Delta, first: Delta, n_prompt: int, n_sent: int) -> Delta:
-    """A continuation's delta, counted as the original request: its prompt, all of its output so far."""
-    if delta.finish_reason is None:
-        return delta
-    return replace(delta, num_prompt_tokens=n_prompt, num_cached_tokens=first.num_cached_tokens,
-                   num_output_tokens=n_sent + delta.num_output_tokens)
 

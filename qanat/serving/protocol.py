@@ -153,6 +153,9 @@ class CompletionRequest(_CommonRequest):
     ]
     logprobs: Annotated[int, _int_bounded("logprobs")] | None = None
     echo: bool = False
+    # Qanat's extension, for a router continuing a stream another replica started: the ids already streamed for
+    # this (token id) prompt, recomputed as output and not sent again.
+    continue_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
 
     def sampling_params(self) -> SamplingParams:
@@ -162,6 +165,10 @@ class CompletionRequest(_CommonRequest):
 
     def prompts(self) -> list[Prompt]:
         prompt = self.prompt
+        if self.continue_token_ids is not None:
+            if isinstance(prompt, str) or not isinstance(prompt[0], int):
+                raise InvalidRequestError("continue_token_ids needs a prompt of token ids", param="continue_token_ids")
+            return [TokenPrompt(tuple(prompt), tuple(self.continue_token_ids))]  # type: ignore[arg-type]
         if isinstance(prompt, str):
             return [TextPrompt(prompt)]
         if isinstance(prompt[0], int):

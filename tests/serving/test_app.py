@@ -81,6 +81,7 @@ def test_completions_many_prompts_n_and_logprobs(engine: LocalEngine) -> None:
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "w" * 400}]}, 400, "messages"),
         ("/v1/completions", {"model": MODEL, "prompt": "w" * 400}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "w", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w", "continue_token_ids": [5]}, 400, "continue_token_ids"),
         ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
         ("/v1/chat/completions", {**CHAT, "model": "gpt-9"}, 404, "model"),
     ],
