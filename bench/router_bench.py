@@ -140,7 +140,7 @@ def local_pair(policy: str, deterministic: bool = False, parallel: int = 8, wait
     return serve_config(f"models:\n  - name: smollm2\n    policy: {policy}\n    replicas:\n{replicas}")
 
 
-def prefix(requests: int, concurrency: int) -> None:
+def prefix(requests: int, concurrency: int, parallel: int) -> None:
     rng = random.Random(7)
     words = ["water", "well", "channel", "oasis", "mountain", "field", "palm", "stone", "shaft", "gravity",
              "slope", "village", "share"]
@@ -148,11 +148,12 @@ def prefix(requests: int, concurrency: int) -> None:
     bodies = []
     for i in range(requests):
         body = chat("smollm2", f"Question {i}: what is {rng.choice(words)} number {i}?", 32, ignore_eos=True)
-        body["messages"].insert(0, {"role": "system", "content": systems[i % 4]})
+        # In random order: system prompts taking turns would line up with round robin's turns by accident.
+        body["messages"].insert(0, {"role": "system", "content": rng.choice(systems)})
         bodies.append(body)
     rows = []
     for policy in ("round_robin", "prefix", "round_robin", "prefix"):
-        server = local_pair(policy)
+        server = local_pair(policy, parallel=parallel)
         try:
             records, wall = asyncio.run(run_load(f"{server.url}/v1/chat/completions", bodies,
                                                  concurrency=concurrency))
@@ -162,7 +163,8 @@ def prefix(requests: int, concurrency: int) -> None:
         ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
         cached = sum(r.cached_tokens or 0 for r in ok)
         rows.append((policy, statistics.mean(ttft), sum(r.output_tokens for r in ok) / wall, cached, len(ok)))
-    print(f"{requests} requests, 4 system prompts of ~300 tokens, concurrency {concurrency}, 32 new tokens")
+    print(f"{requests} requests, 4 system prompts of ~300 tokens, concurrency {concurrency}, 32 new tokens, "
+          f"2 replicas x {parallel} slots")
     print("| policy | mean TTFT (s) | output tok/s | cached prompt tokens | ok |")
     print("|---|---|---|---|---|")
     for policy, mean_ttft, tps, cached, n_ok in rows:
@@ -259,11 +261,12 @@ def main() -> int:
     parser.add_argument("what", choices=["latency", "prefix", "failover", "overload"])
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--parallel", type=int, default=8, help="slots per local replica (prefix)")
     args = parser.parse_args()
     if args.what == "latency":
         latency(args.requests or 1000, args.concurrency)
     elif args.what == "prefix":
-        prefix(args.requests or 48, args.concurrency)
+        prefix(args.requests or 48, args.concurrency, args.parallel)
     elif args.what == "failover":
         failover(args.requests or 16, args.concurrency)
     else:
