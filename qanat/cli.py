@@ -70,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     keys += [k.strip() for k in os.environ.get("QANAT_API_KEYS", "").split(",") if k.strip()]
     carbon = CarbonModel.for_grid(args.grid, pue=args.pue, intensity_g_per_kwh=args.grid_intensity)
     server_config = ServerConfig(host=args.host, port=args.port, api_keys=tuple(keys),
-                                 drain_timeout_s=args.drain_timeout, carbon=carbon)
+                                 drain_timeout_s=args.drain_timeout, carbon=carbon, webui=not args.no_webui)
     return serve(_engine_config(args), server_config, args.config)
 
 
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--grid-intensity", type=float, default=None, help="gCO2e/kWh, overrides --grid's value")
     serve.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
     serve.add_argument("--config", help="qanat.yaml: serve every model it lists, over its replicas")
+    serve.add_argument("--no-webui", action="store_true", help="do not serve the chat playground and dashboard at /")
     serve.set_defaults(run=_serve)
 
     config = commands.add_parser("config", help="config check FILE: validate a qanat.yaml without serving")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -18,6 +19,7 @@ from qanat.config import ServerConfig
 from qanat.engine.client import EngineClient
 from qanat.router.router import ModelRouter
 from qanat.serving.errors import UnauthorizedError, error_response, install_error_handlers
+from qanat.serving.live import LiveSampler, live_route
 from qanat.serving.metrics import ServerMetrics
 from qanat.serving.routes import router as openai_router
 from qanat.serving.state import AppState, Gateway, ModelRegistry, app_state
@@ -173,7 +175,11 @@ def create_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> Fa
         # Routers probe their remote replicas and pool connections on the serving event loop.
         for router in routers:
             await router.start()
+        sampling = asyncio.create_task(state.live.run())  # /metrics/live's samples, while the app is served
         yield
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
         for router in routers:
             await router.stop()
 
@@ -182,14 +188,19 @@ def create_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> Fa
     metrics = ServerMetrics(registry)
     for router_metrics in {id(r.metrics): r.metrics for r in routers}.values():
         metrics.include(router_metrics)
-    state = AppState(models=registry, config=config, metrics=metrics)
+    state = AppState(models=registry, config=config, metrics=metrics, live=LiveSampler(registry, metrics))
     app.state.qanat = state
     install_error_handlers(app)
     auth = [Depends(require_api_key(config.api_keys))]
     app.include_router(_probes())
     app.include_router(openai_router, dependencies=auth)
     app.include_router(_metrics_route(), dependencies=auth)
+    app.include_router(live_route(state.live), dependencies=auth)
     app.include_router(_docs_routes(app), dependencies=auth)
+    if config.webui:
+        from qanat.webui.routes import page_router
+
+        app.include_router(page_router(auth_required=bool(config.api_keys)))
     app.add_middleware(GatewayMiddleware, config=config, gateway=state.gateway, metrics=state.metrics)
     return app
 
@@ -197,6 +208,7 @@ def create_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> Fa
 def startup_line(models: ModelRegistry, config: ServerConfig) -> str:
     return json.dumps({
         "event": "ready", "url": f"http://{config.host}:{config.port}/v1", "auth": bool(config.api_keys),
+        "webui": f"http://{config.host}:{config.port}/" if config.webui else None,
         "models": [{"id": m.card.id, "context_length": m.card.context_length, "chip": m.card.chip,
                     "energy_source": m.card.energy_source} for m in models],
         "grid": config.carbon.grid, "executor_pid": models.health().executor_pid,

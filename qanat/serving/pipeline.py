@@ -110,7 +110,9 @@ class _Timing:
     start_s: float = field(default_factory=time.perf_counter)
     last_token_s: dict[int, float] = field(default_factory=dict)  # choice index -> its last token's time
 
-    def token(self, index: int) -> None:
+    def token(self, index: int, num_tokens: int) -> None:
+        # Counted as they stream, not when the request ends: rates stay live, and a stopped reply's tokens count.
+        self.metrics.generation_tokens.inc(num_tokens)
         now = time.perf_counter()
         last = self.last_token_s.get(index)
         if last is None:
@@ -126,7 +128,6 @@ class _Timing:
                 continue
             if i % n == 0:
                 self.metrics.prompt_tokens.inc(c.last.num_prompt_tokens)
-            self.metrics.generation_tokens.inc(c.last.num_output_tokens)
             if c.last.queue_time_s is not None:
                 self.metrics.queue_time.observe(c.last.queue_time_s)
 
@@ -162,7 +163,7 @@ class Generation:
         index, delta = self._first
         while True:
             self.choices[index].add(delta)
-            self.timing.token(index)
+            self.timing.token(index, len(delta.token_ids))
             yield index, delta
             try:
                 index, delta = await anext(self._events)

@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from qanat.config import ServerConfig
 from qanat.energy.accounting import EnergyTotals
 from qanat.engine.client import EngineClient, EngineHealth, EngineLoad, EngineStats
+from qanat.serving.live import LiveSampler
 from qanat.serving.metrics import ServerMetrics
 
 
@@ -84,6 +85,7 @@ class AppState:
     models: ModelRegistry
     config: ServerConfig
     metrics: ServerMetrics
+    live: LiveSampler  # per-second samples of the metrics, for /metrics/live
     gateway: Gateway = field(default_factory=Gateway)
     started_at: int = field(default_factory=lambda: int(time.time()))
 

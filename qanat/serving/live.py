@@ -1,0 +1,179 @@
+"""Live samples: once a second, what /metrics says, kept for the last minutes and served as JSON.
+
+A sample is computed from the same objects /metrics reads (ServerMetrics' counters and histograms, and
+`EngineClient.stats()`), so each figure is what a Prometheus query over /metrics would give: rates are deltas
+over the last interval (`rate(x[1s])`), quantiles Prometheus's `histogram_quantile` over the last `window_s` of
+bucket counts. A figure that does not exist (no request started in the window, no engine step read the energy
+meter, no meter at all) is None, JSON null: never a made-up zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fastapi import APIRouter, Query
+from prometheus_client import Counter, Histogram
+
+from qanat.engine.client import EngineClient, EngineStats
+from qanat.serving.metrics import ServerMetrics
+
+log = logging.getLogger("qanat.server")
+
+Buckets = tuple[tuple[float, float], ...]  # (upper bound "le", cumulative count), the last bound +inf
+UNMETERED = ("", "none")  # energy sources that mean: no meter, so no energy figures
+
+
+@dataclass(frozen=True)
+class LiveSample:
+    seq: int  # increasing; clients ask for samples after the last one they hold
+    t: float  # unix time, seconds
+    generation_tokens_per_s: float  # qanat_generation_tokens_total, rate over the interval
+    prompt_tokens_per_s: float  # qanat_prefix_cache_query_tokens_total (prompt tokens admitted), rate
+    ttft_p50_s: float | None  # histogram_quantile over the window; None when no request started in it
+    ttft_p99_s: float | None
+    itl_p50_s: float | None
+    itl_p99_s: float | None
+    requests_running: int  # qanat_num_requests_running
+    requests_waiting: int  # qanat_num_requests_waiting
+    kv_cache_usage: float  # qanat_kv_cache_usage_ratio, 0..1
+    prefix_cache_hit_ratio: float | None  # hit / query tokens over the window; None when no prompt came
+    power_w: float | None  # joules charged to requests over the interval / its length; None when no step ran
+    joules_per_token: float | None  # over the interval: 1 / qanat_tokens_per_joule; None when no token ran
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """Cumulative counters at one instant."""
+
+    mono_s: float
+    generation_tokens: float
+    prompt_tokens: int
+    prefix_hit_tokens: int
+    steps: int
+    attributed_j: float
+    energy_tokens: int
+    ttft: Buckets
+    itl: Buckets
+
+
+def histogram_quantile(q: float, buckets: Buckets) -> float | None:
+    """Prometheus's histogram_quantile: linear inside the bucket where rank q falls; the highest finite bound
+    when it falls in +Inf. None for an empty histogram."""
+    total = buckets[-1][1]
+    if total <= 0:
+        return None
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound
+
+
+def _buckets(histogram: Histogram) -> Buckets:
+    return tuple((float(s.labels["le"]), s.value) for s in histogram.collect()[0].samples if s.name.endswith("_bucket"))
+
+
+def _since(now: Buckets, before: Buckets) -> Buckets:
+    return tuple((bound, count - old) for (bound, count), (_, old) in zip(now, before, strict=True))
+
+
+def _total(counter: Counter) -> float:
+    return next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))
+
+
+class LiveSampler:
+    """A ring buffer of `capacity` samples, one per `interval_s`. `tick` takes one; `run` ticks forever."""
+
+    def __init__(self, engine: EngineClient, metrics: ServerMetrics, capacity: int = 300, interval_s: float = 1.0,
+                 window_s: float = 10.0) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.window_s = window_s
+        self.samples: deque[LiveSample] = deque(maxlen=capacity)
+        # Readings over the quantile window: [0] opens it, [-2] opens the current interval, [-1] is now.
+        self._readings: deque[_Reading] = deque(maxlen=max(2, round(window_s / interval_s) + 1))
+        self._seq = 0
+
+    def _read(self, mono_s: float, stats: EngineStats) -> _Reading:
+        return _Reading(
+            mono_s=mono_s, generation_tokens=_total(self.metrics.generation_tokens),
+            prompt_tokens=stats.prompt_tokens, prefix_hit_tokens=stats.prefix_cache_hit_tokens, steps=stats.steps,
+            attributed_j=stats.energy.attributed_j, energy_tokens=stats.energy.tokens,
+            ttft=_buckets(self.metrics.ttft), itl=_buckets(self.metrics.itl),
+        )
+
+    def tick(self, mono_s: float | None = None, wall_s: float | None = None) -> LiveSample | None:
+        """Read the counters now; from the second reading on, append and return a sample."""
+        stats = self.engine.stats()
+        now = self._read(time.monotonic() if mono_s is None else mono_s, stats)
+        self._readings.append(now)
+        if len(self._readings) < 2:
+            return None
+        last, window = self._readings[-2], self._readings[0]
+        dt = now.mono_s - last.mono_s
+        if dt <= 0:
+            return None
+        ttft, itl = _since(now.ttft, window.ttft), _since(now.itl, window.itl)
+        metered = stats.energy.source not in UNMETERED
+        steps, tokens = now.steps - last.steps, now.energy_tokens - last.energy_tokens
+        attributed_j = now.attributed_j - last.attributed_j
+        queried = now.prompt_tokens - window.prompt_tokens
+        self._seq += 1
+        sample = LiveSample(
+            seq=self._seq, t=round(time.time() if wall_s is None else wall_s, 3),
+            generation_tokens_per_s=(now.generation_tokens - last.generation_tokens) / dt,
+            prompt_tokens_per_s=(now.prompt_tokens - last.prompt_tokens) / dt,
+            ttft_p50_s=histogram_quantile(0.5, ttft), ttft_p99_s=histogram_quantile(0.99, ttft),
+            itl_p50_s=histogram_quantile(0.5, itl), itl_p99_s=histogram_quantile(0.99, itl),
+            requests_running=stats.load.num_running, requests_waiting=stats.load.num_waiting,
+            kv_cache_usage=stats.load.kv_usage,
+            prefix_cache_hit_ratio=(now.prefix_hit_tokens - window.prefix_hit_tokens) / queried if queried else None,
+            # The meter is read around engine steps only: with none in the interval there is no reading.
+            power_w=attributed_j / dt if metered and steps else None,
+            joules_per_token=attributed_j / tokens if metered and tokens else None,
+        )
+        self.samples.append(sample)
+        return sample
+
+    def after(self, seq: int) -> list[LiveSample]:
+        return [s for s in self.samples if s.seq > seq]
+
+    async def run(self) -> None:
+        """Tick every interval until cancelled; a failed tick is logged and skipped, never fatal."""
+        next_s = time.monotonic()
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.exception("live sample failed")
+            next_s += self.interval_s
+            # A blocked loop must not cause a burst of catch-up ticks.
+            next_s = max(next_s, time.monotonic())
+            await asyncio.sleep(next_s - time.monotonic())
+
+
+def live_route(sampler: LiveSampler) -> APIRouter:
+    live = APIRouter()
+
+    @live.get("/metrics/live")
+    async def samples(after: int = Query(0, ge=0)) -> dict[str, Any]:
+        """The last minutes of per-second samples (only those after sequence number `after`)."""
+        card = sampler.engine.card
+        return {
+            "object": "live_samples", "model": card.id, "energy_source": card.energy_source,
+            "interval_s": sampler.interval_s, "window_s": sampler.window_s, "capacity": sampler.samples.maxlen,
+            "samples": [asdict(s) for s in sampler.after(after)],
+        }
+
+    return live
