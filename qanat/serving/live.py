@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 from prometheus_client import Counter, Histogram
+from prometheus_client.samples import Sample
 
 from qanat.engine.client import EngineClient, EngineStats
 from qanat.serving.metrics import ServerMetrics
@@ -79,8 +80,12 @@ def histogram_quantile(q: float, buckets: Buckets) -> float | None:
     return lower_bound
 
 
+def _samples(metric: Counter | Histogram, suffix: str) -> list[Sample]:
+    return [s for family in metric.collect() for s in family.samples if s.name.endswith(suffix)]
+
+
 def _buckets(histogram: Histogram) -> Buckets:
-    return tuple((float(s.labels["le"]), s.value) for s in histogram.collect()[0].samples if s.name.endswith("_bucket"))
+    return tuple((float(s.labels["le"]), float(s.value)) for s in _samples(histogram, "_bucket"))
 
 
 def _since(now: Buckets, before: Buckets) -> Buckets:
@@ -88,7 +93,7 @@ def _since(now: Buckets, before: Buckets) -> Buckets:
 
 
 def _total(counter: Counter) -> float:
-    return next(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))
+    return float(_samples(counter, "_total")[0].value)
 
 
 class LiveSampler:

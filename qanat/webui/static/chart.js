@@ -108,7 +108,8 @@ export class LineChart {
     }
     ctx.textBaseline = "alphabetic";
     ctx.textAlign = "left";
-    ctx.fillText(`${Math.round(this.spanS / 60)} min ago`, PAD.left, h - 4);
+    ctx.fillText(this.spanS >= 120 ? `${Math.round(this.spanS / 60)} min ago` : `${Math.round(this.spanS)} s ago`,
+      PAD.left, h - 4);
     ctx.textAlign = "right";
     ctx.fillText("now", w - PAD.right, h - 4);
 
@@ -116,19 +117,33 @@ export class LineChart {
     ctx.lineJoin = "round";
     this.series.forEach(({ key }, i) => {
       ctx.strokeStyle = colors[i];
+      ctx.fillStyle = colors[i];
       ctx.beginPath();
+      let run = []; // consecutive points: a line, or a dot when alone
+      const flush = () => {
+        if (run.length === 1) ctx.fillRect(run[0][0] - 1.5, run[0][1] - 1.5, 3, 3);
+        run = [];
+      };
       let previous = null;
       for (const s of samples) {
         const v = s[key];
         if (v == null || s.t < this.t0) {
+          flush();
           previous = null;
           continue;
         }
+        const point = [x(s.t), y(Math.min(v, yMax))];
         // A gap in the samples (the server was away) is a gap in the line, not a slope across it.
-        if (previous && s.t - previous.t < 3) ctx.lineTo(x(s.t), y(Math.min(v, yMax)));
-        else ctx.moveTo(x(s.t), y(Math.min(v, yMax)));
+        if (previous && s.t - previous.t < 3) {
+          ctx.lineTo(...point);
+        } else {
+          flush();
+          ctx.moveTo(...point);
+        }
+        run.push(point);
         previous = s;
       }
+      flush();
       ctx.stroke();
     });
 

@@ -37,6 +37,8 @@ export class Dashboard {
     this.note = root.querySelector("#live-note");
     this.figures = Object.fromEntries([...root.querySelectorAll("[data-figure]")].map((e) => [e.dataset.figure, e]));
     this.subs = Object.fromEntries([...root.querySelectorAll("[data-sub]")].map((e) => [e.dataset.sub, e]));
+    this.span = root.querySelector("#span");
+    this.span.addEventListener("change", () => this.redraw());
     const charts = root.querySelector("#charts");
     this.charts = CHARTS.map((spec) => new LineChart(charts, spec));
     document.addEventListener("visibilitychange", () => this.schedule(0));
@@ -69,8 +71,8 @@ export class Dashboard {
       const data = await getJSON(`/metrics/live?after=${this.seq}`);
       this.energySource = data.energy_source;
       this.absorb(data);
-      this.note.textContent = `every ${data.interval_s} s · last ${Math.round(data.capacity * data.interval_s / 60)} min`
-        + ` · quantiles over ${data.window_s} s · energy ${data.energy_source}`;
+      this.note.textContent = `every ${data.interval_s} s · quantiles over ${data.window_s} s`
+        + ` · energy ${data.energy_source}`;
       this.note.title = fmt.energySourceHelp(data.energy_source);
     } catch (e) {
       if (e instanceof AuthError) {
@@ -89,11 +91,16 @@ export class Dashboard {
     if (fresh.length && fresh[0].seq <= this.seq) this.samples = [];
     this.samples.push(...fresh);
     if (fresh.length) this.seq = fresh[fresh.length - 1].seq;
-    const spanS = data.capacity * data.interval_s;
+    this.keptS = data.capacity * data.interval_s;
     const last = this.samples[this.samples.length - 1];
-    if (last) this.samples = this.samples.filter((s) => s.t > last.t - spanS);
-    for (const chart of this.charts) chart.update(this.samples, spanS);
+    if (last) this.samples = this.samples.filter((s) => s.t > last.t - this.keptS);
+    this.redraw();
     this.show(last);
+  }
+
+  redraw() {
+    const spanS = Math.min(Number(this.span.value), this.keptS ?? Infinity);
+    for (const chart of this.charts) chart.update(this.samples, spanS);
   }
 
   show(s) {
