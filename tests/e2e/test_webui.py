@@ -257,6 +257,29 @@ def test_dashboard_figures_move_under_load(tab: Tab, server: ServerProcess, tmp_
     assert failures == [] and tab.errors == []
 
 
+def _set_visibility(tab: Tab, state: str) -> None:
+    tab.page.evaluate("""state => {
+        Object.defineProperty(document, "visibilityState", {value: state, configurable: true});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""", state)
+
+
+def test_dashboard_polls_only_while_the_page_is_visible(tab: Tab) -> None:
+    polls: list[str] = []
+    tab.page.on("request", lambda r: polls.append(r.url) if "/metrics/live" in r.url else None)
+    tab.page.wait_for_timeout(2500)  # (events reach Python while Playwright is called, not in time.sleep)
+    assert len(polls) >= 2 and "after=" in polls[-1]
+    _set_visibility(tab, "hidden")
+    tab.page.wait_for_timeout(1200)  # a poll in flight when the tab hid may still land
+    hidden_at = len(polls)
+    tab.page.wait_for_timeout(2500)
+    assert len(polls) == hidden_at and "paused" in tab.page.locator("#live-note").inner_text()
+    _set_visibility(tab, "visible")
+    tab.page.wait_for_timeout(2000)
+    assert len(polls) > hidden_at  # resumed
+    assert tab.errors == []
+
+
 def test_the_page_asks_for_the_key_and_keeps_it_for_the_tab(browser: Browser) -> None:
     srv = ServerProcess("--ctx", "512", "--parallel", "2", "--api-key", KEY)
     try:
