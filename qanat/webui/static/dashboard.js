@@ -8,8 +8,6 @@ import * as fmt from "./format.js";
 
 const POLL_MS = 1000;
 
-const count = (x) => (x == null ? fmt.NA : String(Math.round(x)));
-
 const CHARTS = [
   { title: "Tokens/s", format: fmt.number,
     series: [{ key: "generation_tokens_per_s", name: "generated" }, { key: "prompt_tokens_per_s", name: "prompt" }] },
@@ -17,7 +15,7 @@ const CHARTS = [
     series: [{ key: "ttft_p50_s", name: "p50" }, { key: "ttft_p99_s", name: "p99" }] },
   { title: "Inter-token latency", format: fmt.seconds,
     series: [{ key: "itl_p50_s", name: "p50" }, { key: "itl_p99_s", name: "p99" }] },
-  { title: "Requests", format: count,
+  { title: "Requests", format: fmt.number,
     series: [{ key: "requests_running", name: "running" }, { key: "requests_waiting", name: "waiting" }] },
   { title: "KV cache", format: fmt.percent, fixedMax: 1, series: [{ key: "kv_cache_usage", name: "used" }] },
   { title: "Prefix cache", format: fmt.percent, fixedMax: 1,

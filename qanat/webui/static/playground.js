@@ -170,7 +170,8 @@ export class Playground {
     const content = reply.content.data;
     // A stopped or failed reply stays in the conversation as far as it got, as in any chat.
     if (content) this.messages.push({ role: "assistant", content });
-    reply.article.append(this.stats(run, started));
+    if (run.error && !content) reply.bubble.remove(); // refused before any token: the error says it all
+    else reply.article.append(this.stats(run, started));
     if (run.error) {
       const error = element("p", "error", run.error.message);
       error.setAttribute("role", "alert");
