@@ -1,10 +1,12 @@
 """Live samples: once a second, what /metrics says, kept for the last minutes and served as JSON.
 
-A sample is computed from the same objects /metrics reads (ServerMetrics' counters and histograms, and
-`EngineClient.stats()`), so each figure is what a Prometheus query over /metrics would give: rates are deltas
-over the last interval (`rate(x[1s])`), quantiles Prometheus's `histogram_quantile` over the last `window_s` of
-bucket counts. A figure that does not exist (no request started in the window, no engine step read the energy
-meter, no meter at all) is None, JSON null: never a made-up zero.
+A sample is computed from the same objects /metrics reads (ServerMetrics' counters and histograms, and the
+model registry's `stats()`), so each figure is what a Prometheus query over /metrics would give: rates are
+deltas over the last interval (`rate(x[1s])`), quantiles Prometheus's `histogram_quantile` over the last
+`window_s` of bucket counts. Where a router serves a model, each replica gets its own figures too: its engine's
+stats (the parts the router adds up for /metrics) and its `qanat_router_requests_total` series. A figure that
+does not exist (no request started in the window, no engine step read the energy meter, no meter at all, a
+remote replica's queue) is None, JSON null: never a made-up zero.
 """
 
 from __future__ import annotations
@@ -14,20 +16,49 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Query
 from prometheus_client import Counter, Histogram
 from prometheus_client.samples import Sample
 
 from qanat.engine.client import EngineClient, EngineStats
+from qanat.engine.remote import RemoteEngine
+from qanat.router.router import ModelRouter
 from qanat.serving.metrics import ServerMetrics
 
 log = logging.getLogger("qanat.server")
 
 Buckets = tuple[tuple[float, float], ...]  # (upper bound "le", cumulative count), the last bound +inf
-UNMETERED = ("", "none")  # energy sources that mean: no meter, so no energy figures
+UNMETERED = ("", "none", "unknown")  # energy sources that mean: no meter, so no energy figures
+_SERVED = ("ok", "continued")  # router outcomes of a request a replica finished
+_FAILED = ("failed", "full")
+
+
+class Models(Protocol):
+    """What the sampler reads: the server's ModelRegistry, the object /metrics reads too."""
+
+    def stats(self) -> EngineStats: ...
+
+    def __iter__(self) -> Iterator[EngineClient]: ...
+
+
+@dataclass(frozen=True)
+class ReplicaSample:
+    model: str
+    replica: str
+    kind: str  # local | remote
+    state: str  # ready | ejected | unreachable | not ready: why
+    requests_running: int  # a remote replica: requests this router has in flight there
+    requests_waiting: int | None  # None for a remote replica: its queue is not visible from here
+    kv_cache_usage: float | None  # None for a remote replica
+    tokens_per_s: float  # tokens its engine processed (prompt + output), rate
+    requests_per_s: float  # qanat_router_requests_total{outcome=~"ok|continued"}, rate
+    failures_per_s: float  # qanat_router_requests_total{outcome=~"failed|full"}, rate
+    power_w: float | None  # as LiveSample's, for this replica's engine
+    joules_per_token: float | None
 
 
 @dataclass(frozen=True)
@@ -46,6 +77,7 @@ class LiveSample:
     prefix_cache_hit_ratio: float | None  # hit / query tokens over the window; None when no prompt came
     power_w: float | None  # joules charged to requests over the interval / its length; None when no step ran
     joules_per_token: float | None  # over the interval: 1 / qanat_tokens_per_joule; None when no token ran
+    replicas: tuple[ReplicaSample, ...] = ()  # models served by a router: one per replica
 
 
 @dataclass(frozen=True)
@@ -61,6 +93,16 @@ class _Reading:
     energy_tokens: int
     ttft: Buckets
     itl: Buckets
+
+
+@dataclass(frozen=True)
+class _ReplicaReading:
+    mono_s: float
+    tokens: int
+    attributed_j: float
+    steps: int
+    served: float
+    failed: float
 
 
 def histogram_quantile(q: float, buckets: Buckets) -> float | None:
@@ -96,19 +138,30 @@ def _total(counter: Counter) -> float:
     return float(_samples(counter, "_total")[0].value)
 
 
+def _energy_rates(stats: EngineStats, steps: int, tokens: int, attributed_j: float, dt: float
+                  ) -> tuple[float | None, float | None]:
+    """Power and joules per token over an interval; None where the meter was not read (no step ran) or is none."""
+    if stats.energy.source in UNMETERED:
+        return None, None
+    # The meter is read around engine steps only: with none in the interval there is no reading.
+    return (attributed_j / dt if steps else None), (attributed_j / tokens if tokens else None)
+
+
 class LiveSampler:
     """A ring buffer of `capacity` samples, one per `interval_s`. `tick` takes one; `run` ticks forever."""
 
-    def __init__(self, engine: EngineClient, metrics: ServerMetrics, capacity: int = 300, interval_s: float = 1.0,
+    def __init__(self, models: Models, metrics: ServerMetrics, capacity: int = 300, interval_s: float = 1.0,
                  window_s: float = 10.0) -> None:
-        self.engine = engine
+        self.models = models
         self.metrics = metrics
+        self.energy_source = ""
         self.interval_s = interval_s
         self.window_s = window_s
         self.samples: deque[LiveSample] = deque(maxlen=capacity)
         # Readings over the quantile window: [0] opens it, [-2] opens the current interval, [-1] is now.
         self._readings: deque[_Reading] = deque(maxlen=max(2, round(window_s / interval_s) + 1))
         self._seq = 0
+        self._replicas: dict[tuple[str, str], _ReplicaReading] = {}
 
     def _read(self, mono_s: float, stats: EngineStats) -> _Reading:
         return _Reading(
@@ -120,9 +173,11 @@ class LiveSampler:
 
     def tick(self, mono_s: float | None = None, wall_s: float | None = None) -> LiveSample | None:
         """Read the counters now; from the second reading on, append and return a sample."""
-        stats = self.engine.stats()
+        stats = self.models.stats()
+        self.energy_source = stats.energy.source
         now = self._read(time.monotonic() if mono_s is None else mono_s, stats)
         self._readings.append(now)
+        replicas = self._replica_samples(now.mono_s)
         if len(self._readings) < 2:
             return None
         last, window = self._readings[-2], self._readings[0]
@@ -130,9 +185,8 @@ class LiveSampler:
         if dt <= 0:
             return None
         ttft, itl = _since(now.ttft, window.ttft), _since(now.itl, window.itl)
-        metered = stats.energy.source not in UNMETERED
-        steps, tokens = now.steps - last.steps, now.energy_tokens - last.energy_tokens
-        attributed_j = now.attributed_j - last.attributed_j
+        power_w, joules_per_token = _energy_rates(stats, now.steps - last.steps, now.energy_tokens - last.energy_tokens,
+                                                  now.attributed_j - last.attributed_j, dt)
         queried = now.prompt_tokens - window.prompt_tokens
         self._seq += 1
         sample = LiveSample(
@@ -144,12 +198,44 @@ class LiveSampler:
             requests_running=stats.load.num_running, requests_waiting=stats.load.num_waiting,
             kv_cache_usage=stats.load.kv_usage,
             prefix_cache_hit_ratio=(now.prefix_hit_tokens - window.prefix_hit_tokens) / queried if queried else None,
-            # The meter is read around engine steps only: with none in the interval there is no reading.
-            power_w=attributed_j / dt if metered and steps else None,
-            joules_per_token=attributed_j / tokens if metered and tokens else None,
+            power_w=power_w, joules_per_token=joules_per_token, replicas=replicas,
         )
         self.samples.append(sample)
         return sample
+
+    def _replica_samples(self, mono_s: float) -> tuple[ReplicaSample, ...]:
+        """Each router's replicas, from their engines' stats and the router's request counter."""
+        out = []
+        for engine in self.models:
+            if not isinstance(engine, ModelRouter):
+                continue
+            outcomes = {(s.labels["replica"], s.labels["outcome"]): s.value
+                        for s in _samples(engine.metrics.requests, "_total") if s.labels["model"] == engine.name}
+            for replica in engine.replicas:
+                stats = replica.engine.stats()
+                now = _ReplicaReading(
+                    mono_s, stats.energy.tokens, stats.energy.attributed_j, stats.steps,
+                    served=sum(outcomes.get((replica.name, o), 0.0) for o in _SERVED),
+                    failed=sum(outcomes.get((replica.name, o), 0.0) for o in _FAILED))
+                last = self._replicas.get((engine.name, replica.name), now)
+                self._replicas[(engine.name, replica.name)] = now
+                dt = now.mono_s - last.mono_s
+                if dt <= 0:
+                    continue
+                remote = isinstance(replica.engine, RemoteEngine)
+                power_w, joules_per_token = _energy_rates(stats, now.steps - last.steps, now.tokens - last.tokens,
+                                                          now.attributed_j - last.attributed_j, dt)
+                out.append(ReplicaSample(
+                    model=engine.name, replica=replica.name, kind="remote" if remote else "local",
+                    state=replica.state(time.monotonic()), requests_running=stats.load.num_running,
+                    requests_waiting=None if remote else stats.load.num_waiting,
+                    kv_cache_usage=None if remote else stats.load.kv_usage,
+                    tokens_per_s=(now.tokens - last.tokens) / dt, requests_per_s=(now.served - last.served) / dt,
+                    failures_per_s=(now.failed - last.failed) / dt,
+                    # A remote replica's joules arrive with its finished requests: a rate per step means nothing.
+                    power_w=None if remote else power_w, joules_per_token=joules_per_token,
+                ))
+        return tuple(out)
 
     def after(self, seq: int) -> list[LiveSample]:
         return [s for s in self.samples if s.seq > seq]
@@ -174,9 +260,9 @@ def live_route(sampler: LiveSampler) -> APIRouter:
     @live.get("/metrics/live")
     async def samples(after: int = Query(0, ge=0)) -> dict[str, Any]:
         """The last minutes of per-second samples (only those after sequence number `after`)."""
-        card = sampler.engine.card
         return {
-            "object": "live_samples", "model": card.id, "energy_source": card.energy_source,
+            "object": "live_samples", "models": [m.card.id for m in sampler.models],
+            "energy_source": sampler.energy_source,
             "interval_s": sampler.interval_s, "window_s": sampler.window_s, "capacity": sampler.samples.maxlen,
             "samples": [asdict(s) for s in sampler.after(after)],
         }

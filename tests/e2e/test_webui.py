@@ -201,9 +201,9 @@ def test_html_in_a_message_is_shown_as_text_and_runs_nothing(tab: Tab) -> None:
     assert tab.errors == []
 
 
-def _load(base_url: str, requests: int, stop: threading.Event, failures: list[str]) -> None:
+def _load(base_url: str, requests: int, stop: threading.Event, failures: list[str], model: str = MODEL) -> None:
     """`requests` concurrent requests of 64 tokens, again and again until `stop`."""
-    body = {"model": MODEL, "max_tokens": 64, "ignore_eos": True,
+    body = {"model": model, "max_tokens": 64, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Describe a qanat."}]}
 
     def one() -> None:
@@ -255,6 +255,48 @@ def test_dashboard_figures_move_under_load(tab: Tab, server: ServerProcess, tmp_
     wait_until(lambda: tab.figure("Tokens/s") == "0" and tab.figure("Queue") == "0 running · 0 waiting",
                30, "the dashboard to fall idle again")
     assert failures == [] and tab.errors == []
+
+
+REPLICA = """\
+      - name: {name}
+        gguf: default
+        parallel: 2
+        ctx: 512
+        threads: 1
+"""
+
+
+def test_dashboard_shows_each_replica_of_a_router(browser: Browser, tmp_path: Path) -> None:
+    config = tmp_path / "qanat.yaml"
+    config.write_text("models:\n  - name: smollm2\n    policy: round_robin\n    replicas:\n"
+                      + REPLICA.format(name="local-a") + REPLICA.format(name="local-b"))
+    srv = ServerProcess("--config", str(config))
+    stop, failures = threading.Event(), []
+    try:
+        tab = Tab(browser, f"{srv.base_url}/")
+        table = tab.page.get_by_role("table", name="Replicas")
+        table.wait_for()
+        rows = table.locator("tbody tr")
+
+        def cells() -> dict[str, list[str]]:
+            return {rows.nth(i).locator("th").inner_text(): rows.nth(i).locator("td").all_inner_texts()
+                    for i in range(rows.count())}
+
+        wait_until(lambda: set(cells()) == {"smollm2/local-a", "smollm2/local-b"}, 30, "both replicas listed")
+        assert all(row[0] == "ready" for row in cells().values())
+        loader = threading.Thread(target=_load, args=(srv.base_url, 4, stop, failures), kwargs={"model": "smollm2"})
+        loader.start()
+        # Round robin: both replicas run requests at once, each its own figures.
+        wait_until(lambda: all(int(row[1]) > 0 and row[4] != "0" for row in cells().values()), 120,
+                   "both replicas running requests")
+        assert tab.page.get_by_text("Tokens/s by replica").is_visible()
+        stop.set()
+        loader.join()
+        assert failures == [] and tab.errors == []
+        tab.close()
+    finally:
+        stop.set()
+        srv.stop()
 
 
 def _set_visibility(tab: Tab, state: str) -> None:

@@ -19,7 +19,11 @@ from qanat.config import EngineConfig, ServerConfig
 from qanat.engine.client import EngineStats
 from qanat.engine.executors.fake import FakeSpec
 from qanat.engine.local import LocalEngine
+from qanat.router.metrics import RouterMetrics
+from qanat.router.policies import ReplicaView, make_policy
+from qanat.router.router import ModelRouter, Replica
 from qanat.serving.live import LiveSampler, histogram_quantile
+from qanat.serving.state import ModelRegistry
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
 INF = math.inf
@@ -116,7 +120,7 @@ def test_figures_that_do_not_exist_are_null_never_zero(engine: LocalEngine) -> N
 
 
 def test_no_meter_means_no_energy_figures(engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    live = LiveSampler(engine, build_app(engine, ServerConfig()).state.qanat.metrics)
+    live = LiveSampler(ModelRegistry.of(engine), build_app(engine, ServerConfig()).state.qanat.metrics)
     real_stats = engine.stats
 
     def unmetered() -> EngineStats:  # steps ran and "joules" moved, but no meter stands behind them
@@ -132,7 +136,7 @@ def test_no_meter_means_no_energy_figures(engine: LocalEngine, monkeypatch: pyte
 
 
 def test_ring_buffer_keeps_the_last_samples_and_serves_those_after_a_seq(engine: LocalEngine) -> None:
-    live = LiveSampler(engine, build_app(engine, ServerConfig()).state.qanat.metrics, capacity=5)
+    live = LiveSampler(ModelRegistry.of(engine), build_app(engine, ServerConfig()).state.qanat.metrics, capacity=5)
     for second in range(9):
         live.tick(mono_s=float(second))
     assert [s.seq for s in live.samples] == [4, 5, 6, 7, 8]
@@ -156,14 +160,15 @@ def test_route_needs_the_key_and_returns_samples_after_seq(engine: LocalEngine) 
     assert get(app, "/metrics/live", {"Authorization": "Bearer nope"}).status_code == 401
     body = get(app, "/metrics/live?after=1", {"Authorization": "Bearer k1"}).json()
     assert [s["seq"] for s in body["samples"]] == [2, 3]
-    assert body["model"] == "fake-model" and body["energy_source"] == "estimated:fake" and body["capacity"] == 300
+    assert body["models"] == ["fake-model"] and body["energy_source"] == "estimated:fake" and body["capacity"] == 300
     assert body["samples"][0]["power_w"] is None  # null in JSON, not 0
     assert get(app, "/metrics/live?after=-1", {"Authorization": "Bearer k1"}).status_code == 400
 
 
 def test_run_ticks_every_interval_and_survives_a_failed_tick(engine: LocalEngine,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    live = LiveSampler(engine, build_app(engine, ServerConfig()).state.qanat.metrics, interval_s=0.02)
+    live = LiveSampler(ModelRegistry.of(engine), build_app(engine, ServerConfig()).state.qanat.metrics,
+                       interval_s=0.02)
     real_stats, calls = engine.stats, []
 
     def flaky() -> EngineStats:
@@ -199,3 +204,36 @@ def test_the_app_samples_while_it_is_served(engine: LocalEngine) -> None:
 
     during, after = asyncio.run(scenario())
     assert during >= 1 and after == during  # ticking while served, stopped with the app
+
+
+def test_each_replica_of_a_router_has_its_figures() -> None:
+    a, b = (build_fake_engine(EngineConfig(ctx=256, parallel=2, batch_tokens=64)) for _ in range(2))
+    replicas = [Replica(ReplicaView(name, capacity=2), e) for name, e in (("ra", a), ("rb", b))]
+    router = ModelRouter("m", replicas, make_policy("round_robin"), RouterMetrics())
+    app = build_app(ModelRegistry({"m": router}), ServerConfig())
+    live: LiveSampler = app.state.qanat.live
+    body = {**CHAT, "model": "m"}
+
+    async def three() -> list[str]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://q") as client:
+            return [(await client.post("/v1/chat/completions", json=body)).headers["x-qanat-replica"]
+                    for _ in range(3)]
+
+    try:
+        live.tick(mono_s=0.0)
+        served = asyncio.run(three())
+        sample = live.tick(mono_s=2.0)
+        assert sample is not None and sorted(served) == ["ra", "ra", "rb"]
+        by_name = {r.replica: r for r in sample.replicas}
+        assert set(by_name) == {"ra", "rb"} and all(r.model == "m" and r.kind == "local" for r in sample.replicas)
+        assert by_name["ra"].requests_per_s == 1.0 and by_name["rb"].requests_per_s == 0.5  # 2 and 1 in 2 s
+        assert by_name["ra"].failures_per_s == 0.0 and by_name["ra"].state == "ready"
+        # The replicas' parts add up to the model's figures, as the router adds them up for /metrics.
+        assert sum(r.tokens_per_s for r in sample.replicas) * 2 == a.stats().energy.tokens + b.stats().energy.tokens
+        assert by_name["ra"].power_w is not None and by_name["ra"].power_w > 0
+        assert by_name["ra"].requests_waiting == 0 and by_name["ra"].kv_cache_usage is not None
+        quiet = live.tick(mono_s=3.0)
+        assert quiet is not None and all(r.power_w is None and r.requests_per_s == 0.0 for r in quiet.replicas)
+    finally:
+        a.shutdown()
+        b.shutdown()

@@ -27,7 +27,7 @@ export class LineChart {
     caption.append(name);
     this.legend = series.map((s, i) => {
       const item = document.createElement("span");
-      item.className = `legend s${i + 1}`;
+      item.className = `legend s${(i % 6) + 1}`;
       const swatch = document.createElement("i");
       const value = document.createElement("b");
       item.append(swatch, `${s.name} `, value);
@@ -77,7 +77,7 @@ export class LineChart {
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, w, h);
     const style = getComputedStyle(canvas);
-    const colors = [style.getPropertyValue("--s1").trim(), style.getPropertyValue("--s2").trim()];
+    const colors = [1, 2, 3, 4, 5, 6].map((i) => style.getPropertyValue(`--s${i}`).trim());
     const ink = style.getPropertyValue("--muted").trim();
     const grid = style.getPropertyValue("--grid").trim();
     ctx.font = `11px ${style.fontFamily}`;
@@ -116,8 +116,8 @@ export class LineChart {
     ctx.lineWidth = 1.5;
     ctx.lineJoin = "round";
     this.series.forEach(({ key }, i) => {
-      ctx.strokeStyle = colors[i];
-      ctx.fillStyle = colors[i];
+      ctx.strokeStyle = colors[i % colors.length];
+      ctx.fillStyle = colors[i % colors.length];
       ctx.beginPath();
       let run = []; // consecutive points: a line, or a dot when alone
       const flush = () => {

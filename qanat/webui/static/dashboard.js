@@ -5,6 +5,7 @@
 import { AuthError, getJSON } from "./api.js";
 import { LineChart } from "./chart.js";
 import * as fmt from "./format.js";
+import { Replicas } from "./replicas.js";
 
 const POLL_MS = 1000;
 
@@ -39,6 +40,7 @@ export class Dashboard {
     this.span.addEventListener("change", () => this.redraw());
     const charts = root.querySelector("#charts");
     this.charts = CHARTS.map((spec) => new LineChart(charts, spec));
+    this.replicas = new Replicas(root.querySelector("#replicas"));
     document.addEventListener("visibilitychange", () => this.schedule(0));
   }
 
@@ -99,6 +101,7 @@ export class Dashboard {
   redraw() {
     const spanS = Math.min(Number(this.span.value), this.keptS ?? Infinity);
     for (const chart of this.charts) chart.update(this.samples, spanS);
+    this.replicas.update(this.samples, spanS);
   }
 
   show(s) {

@@ -42,11 +42,15 @@ async function loadModels(playground) {
     try {
       const models = await getJSON("/v1/models");
       playground.setModels(models.data.map((m) => m.id));
-      const card = models.data[0];
-      if (card) {
-        $("card").textContent = `${fmt.number(card.context_length)} ctx · ${card.chip}`;
+      const showCard = () => {
+        const card = models.data.find((m) => m.id === $("model").value);
+        if (!card) return;
+        const replicas = card.replicas ? ` · ${card.replicas.length} replicas` : "";
+        $("card").textContent = `${fmt.number(card.context_length)} ctx${replicas} · ${card.chip}`;
         $("card").title = `energy: ${card.energy_source}`;
-      }
+      };
+      $("model").onchange = showCard;
+      showCard();
       return;
     } catch (e) {
       if (!(e instanceof AuthError)) throw e;
