@@ -1,12 +1,12 @@
 """Live samples: once a second, what /metrics says, kept for the last minutes and served as JSON.
 
-A sample is computed from the same objects /metrics reads (ServerMetrics' counters and histograms, and the
-model registry's `stats()`), so each figure is what a Prometheus query over /metrics would give: rates are
-deltas over the last interval (`rate(x[1s])`), quantiles Prometheus's `histogram_quantile` over the last
-`window_s` of bucket counts. Where a router serves a model, each replica gets its own figures too: its engine's
-stats (the parts the router adds up for /metrics) and its `qanat_router_requests_total` series. A figure that
-does not exist (no request started in the window, no engine step read the energy meter, no meter at all, a
-remote replica's queue) is None, JSON null: never a made-up zero.
+A sample is computed from the same objects /metrics reads (ServerMetrics' counters and histograms, and the model
+registry's `stats()`), so each figure is what a Prometheus query over /metrics would give: rates over the last
+`rate_window_s` (`rate(x[5s])`: one engine step can take longer than a second, so a 1 s rate would flicker),
+quantiles Prometheus's `histogram_quantile` over the last `window_s` of bucket counts. Where a router serves a
+model, each replica gets its own figures too: its engine's stats (the parts the router adds up for /metrics) and its
+`qanat_router_requests_total` series. A figure that does not exist (no request started in the window, no engine step
+read the energy meter, no meter at all, a remote replica's queue) is None, JSON null: never a made-up zero.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class ReplicaSample:
 class LiveSample:
     seq: int  # increasing; clients ask for samples after the last one they hold
     t: float  # unix time, seconds
-    generation_tokens_per_s: float  # qanat_generation_tokens_total, rate over the interval
+    generation_tokens_per_s: float  # qanat_generation_tokens_total, rate over the rate window
     prompt_tokens_per_s: float  # qanat_prefix_cache_query_tokens_total (prompt tokens admitted), rate
     ttft_p50_s: float | None  # histogram_quantile over the window; None when no request started in it
     ttft_p99_s: float | None
@@ -75,8 +75,8 @@ class LiveSample:
     requests_waiting: int  # qanat_num_requests_waiting
     kv_cache_usage: float  # qanat_kv_cache_usage_ratio, 0..1
     prefix_cache_hit_ratio: float | None  # hit / query tokens over the window; None when no prompt came
-    power_w: float | None  # joules charged to requests over the interval / its length; None when no step ran
-    joules_per_token: float | None  # over the interval: 1 / qanat_tokens_per_joule; None when no token ran
+    power_w: float | None  # joules charged to requests over the rate window / its length; None when no step ran
+    joules_per_token: float | None  # over the rate window: 1 / qanat_tokens_per_joule; None when no token ran
     replicas: tuple[ReplicaSample, ...] = ()  # models served by a router: one per replica
 
 
@@ -151,17 +151,19 @@ class LiveSampler:
     """A ring buffer of `capacity` samples, one per `interval_s`. `tick` takes one; `run` ticks forever."""
 
     def __init__(self, models: Models, metrics: ServerMetrics, capacity: int = 300, interval_s: float = 1.0,
-                 window_s: float = 10.0) -> None:
+                 window_s: float = 10.0, rate_window_s: float = 5.0) -> None:
         self.models = models
         self.metrics = metrics
         self.energy_source = ""
         self.interval_s = interval_s
         self.window_s = window_s
+        self.rate_window_s = rate_window_s
+        self._rate_steps = max(1, round(rate_window_s / interval_s))  # readings back to the rate window's start
         self.samples: deque[LiveSample] = deque(maxlen=capacity)
-        # Readings over the quantile window: [0] opens it, [-2] opens the current interval, [-1] is now.
-        self._readings: deque[_Reading] = deque(maxlen=max(2, round(window_s / interval_s) + 1))
+        # Readings over the longer window: [0] opens the quantile window, [-1] is now.
+        self._readings: deque[_Reading] = deque(maxlen=max(round(window_s / interval_s), self._rate_steps) + 1)
         self._seq = 0
-        self._replicas: dict[tuple[str, str], _ReplicaReading] = {}
+        self._replicas: dict[tuple[str, str], deque[_ReplicaReading]] = {}
 
     def _read(self, mono_s: float, stats: EngineStats) -> _Reading:
         return _Reading(
@@ -180,7 +182,8 @@ class LiveSampler:
         replicas = self._replica_samples(now.mono_s)
         if len(self._readings) < 2:
             return None
-        last, window = self._readings[-2], self._readings[0]
+        last = self._readings[max(0, len(self._readings) - 1 - self._rate_steps)]  # opens the rate window
+        window = self._readings[-min(len(self._readings), round(self.window_s / self.interval_s) + 1)]
         dt = now.mono_s - last.mono_s
         if dt <= 0:
             return None
@@ -217,8 +220,9 @@ class LiveSampler:
                     mono_s, stats.energy.tokens, stats.energy.attributed_j, stats.steps,
                     served=sum(outcomes.get((replica.name, o), 0.0) for o in _SERVED),
                     failed=sum(outcomes.get((replica.name, o), 0.0) for o in _FAILED))
-                last = self._replicas.get((engine.name, replica.name), now)
-                self._replicas[(engine.name, replica.name)] = now
+                history = self._replicas.setdefault((engine.name, replica.name), deque(maxlen=self._rate_steps + 1))
+                history.append(now)
+                last = history[0]
                 dt = now.mono_s - last.mono_s
                 if dt <= 0:
                     continue
@@ -263,7 +267,8 @@ def live_route(sampler: LiveSampler) -> APIRouter:
         return {
             "object": "live_samples", "models": [m.card.id for m in sampler.models],
             "energy_source": sampler.energy_source,
-            "interval_s": sampler.interval_s, "window_s": sampler.window_s, "capacity": sampler.samples.maxlen,
+            "interval_s": sampler.interval_s, "window_s": sampler.window_s, "rate_window_s": sampler.rate_window_s,
+            "capacity": sampler.samples.maxlen,
             "samples": [asdict(s) for s in sampler.after(after)],
         }
 

@@ -110,11 +110,14 @@ def test_figures_that_do_not_exist_are_null_never_zero(engine: LocalEngine) -> N
 
     asyncio.run(one())
     busy = live.tick(mono_s=2.0)
-    quiet = live.tick(mono_s=3.0)  # no step ran in this second, but the latency window still holds the request
+    for second in range(3, 8):
+        quiet = live.tick(mono_s=float(second))
+    # No step ran in the last 5 s (the rate window), but the 10 s latency window still holds the request.
     assert busy is not None and quiet is not None
     assert busy.power_w is not None and busy.power_w > 0 and busy.ttft_p50_s is not None
     assert quiet.power_w is None and quiet.joules_per_token is None and quiet.ttft_p50_s == busy.ttft_p50_s
-    for second in range(4, 13):
+    assert quiet.generation_tokens_per_s == 0.0
+    for second in range(8, 13):
         last = live.tick(mono_s=float(second))
     assert last is not None and last.ttft_p50_s is None and last.itl_p50_s is None  # out of the 10 s window
 
@@ -232,8 +235,23 @@ def test_each_replica_of_a_router_has_its_figures() -> None:
         assert sum(r.tokens_per_s for r in sample.replicas) * 2 == a.stats().energy.tokens + b.stats().energy.tokens
         assert by_name["ra"].power_w is not None and by_name["ra"].power_w > 0
         assert by_name["ra"].requests_waiting == 0 and by_name["ra"].kv_cache_usage is not None
-        quiet = live.tick(mono_s=3.0)
+        for second in range(3, 8):  # past the 5 s rate window
+            quiet = live.tick(mono_s=float(second))
         assert quiet is not None and all(r.power_w is None and r.requests_per_s == 0.0 for r in quiet.replicas)
     finally:
         a.shutdown()
         b.shutdown()
+
+
+def test_rates_are_over_the_last_five_seconds(engine: LocalEngine) -> None:
+    app = build_app(engine, ServerConfig())
+    live: LiveSampler = app.state.qanat.live
+
+    async def one() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://q") as client:
+            assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+
+    live.tick(mono_s=0.0)
+    asyncio.run(one())  # 6 tokens between 0 s and 1 s
+    rates = [live.tick(mono_s=float(second)) for second in range(1, 8)]
+    assert [r.generation_tokens_per_s for r in rates if r is not None] == [6.0, 3.0, 2.0, 1.5, 1.2, 0.0, 0.0]

@@ -71,8 +71,8 @@ export class Dashboard {
       const data = await getJSON(`/metrics/live?after=${this.seq}`);
       this.energySource = data.energy_source;
       this.absorb(data);
-      this.note.textContent = `every ${data.interval_s} s · quantiles over ${data.window_s} s`
-        + ` · energy ${data.energy_source}`;
+      this.note.textContent = `every ${data.interval_s} s · rates over ${data.rate_window_s} s`
+        + ` · quantiles over ${data.window_s} s · energy ${data.energy_source}`;
       this.note.title = fmt.energySourceHelp(data.energy_source);
     } catch (e) {
       if (e instanceof AuthError) {
