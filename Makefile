@@ -36,7 +36,7 @@ browser:
 
 # Re-takes docs/webui*.png from the browser tests (real server, real model, under load).
 screenshots: $(STAMP)
-	QANAT_SCREENSHOTS=docs $(BIN)/python -m pytest tests/e2e/test_webui.py -k "second_turn or dashboard"
+	QANAT_SCREENSHOTS=docs $(BIN)/python -m pytest tests/e2e/test_webui.py -k "second_turn or dashboard_figures or replica"
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py

@@ -290,6 +290,10 @@ def test_dashboard_shows_each_replica_of_a_router(browser: Browser, tmp_path: Pa
         wait_until(lambda: all(int(row[1]) > 0 and row[4] != "0" for row in cells().values()), 120,
                    "both replicas running requests")
         assert tab.page.get_by_text("Tokens/s by replica").is_visible()
+        tab.label("Time range").select_option(label="1 min")
+        time.sleep(25 if "QANAT_SCREENSHOTS" in os.environ else 0)
+        tab.page.get_by_role("region", name="Live").screenshot(
+            path=str(screenshot_dir(tmp_path) / "webui-replicas.png"))
         stop.set()
         loader.join()
         assert failures == [] and tab.errors == []
