@@ -187,6 +187,9 @@ def test_second_turn_sees_the_first(tab: Tab, tmp_path: Path) -> None:
     # The server computed the first turn once: the second reused it from the prefix cache.
     assert int(stat(second, "cached").split()[0]) > 0
     tab.page.screenshot(path=str(screenshot_dir(tmp_path) / "webui-playground.png"))
+    tab.button("New chat").click()
+    tab.say("Hello again.", max_tokens=4).locator(".stats").wait_for()
+    assert [m["role"] for m in bodies[2]["messages"]] == ["system", "user"]  # a new conversation forgets
     assert tab.errors == []
 
 

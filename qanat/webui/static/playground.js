@@ -21,6 +21,7 @@ export class Playground {
   constructor({ onAuthError }) {
     this.onAuthError = onAuthError;
     this.messages = []; // the conversation as sent to the server: {role, content}, system prompt excluded
+    this.conversation = 0; // bumped by "New chat", so a reply still streaming then stays out of the new one
     this.controller = null;
     this.el = {
       model: $("model"), system: $("system"), temperature: $("temperature"), maxTokens: $("max-tokens"),
@@ -51,6 +52,7 @@ export class Playground {
 
   clear() {
     this.controller?.abort();
+    this.conversation += 1;
     this.messages = [];
     this.el.log.replaceChildren(element("p", "empty", "A new conversation."));
   }
@@ -138,6 +140,7 @@ export class Playground {
     this.scroll(true);
 
     const controller = new AbortController();
+    const conversation = this.conversation;
     this.controller = controller;
     this.busy(true);
     const started = performance.now();
@@ -167,6 +170,7 @@ export class Playground {
       this.busy(false);
       reply.article.classList.remove("streaming");
     }
+    if (conversation !== this.conversation) return;
     const content = reply.content.data;
     // A stopped or failed reply stays in the conversation as far as it got, as in any chat.
     if (content) this.messages.push({ role: "assistant", content });
