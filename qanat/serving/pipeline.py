@@ -1,8 +1,10 @@
 """A request's path through the serving layer, the same for every endpoint:
 
-    validate -> render -> admit -> generate -> format
+    validate -> tools -> render -> admit -> generate -> format
 
 `validate` turns the body into SamplingParams and prompts (pydantic did the types; LIMITS the ranges);
+`tools` (tools.py) checks tools and tool messages, writes them into the prompt and, when a call is forced,
+constrains the output with a grammar; its parser later splits each choice's output into text and tool calls;
 `render` applies the chat template and tokenizes, off the event loop (EngineClient.render); `admit` finds the
 engine for the model and waits for the first delta, so that refusals (400, 429, 503) keep their status codes;
 `generate` gathers the choices' deltas; `format` writes OpenAI's JSON or SSE through an endpoint's
@@ -29,10 +31,11 @@ from qanat.engine.client import Delta, EngineClient, Prompt
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.sampling import SamplingParams
 from qanat.serving.errors import ClientDisconnectedError, ModelNotFoundError, error_body
-from qanat.serving.formats import Choice, ResponseFormat
+from qanat.serving.formats import Choice, ChoiceDelta, ResponseFormat
 from qanat.serving.metrics import ServerMetrics
 from qanat.serving.protocol import ChatCompletionRequest, CompletionRequest
 from qanat.serving.state import AppState, app_state
+from qanat.serving.tools import ToolPlan, plan_tools
 
 log = logging.getLogger("qanat.server")
 T = TypeVar("T")
@@ -46,8 +49,12 @@ async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
     with _prompt_param(fmt):
         engine = admit_model(state, body.model)
         params, prompts = body.sampling_params(), body.prompts()
+        tools = plan_tools(body, engine.card)
+        if tools is not None:
+            params, prompts = tools.apply(params, prompts)
         rendered = await render(engine, prompts)
-        generation = await Generation(http, engine, fan_out(rendered, params, body.n), body.n, state).start()
+        jobs = fan_out(rendered, params, body.n)
+        generation = await Generation(http, engine, jobs, body.n, state, tools).start()
     response_id, created = f"{fmt.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     head = {"id": response_id, "object": fmt.object, "created": created, "model": body.model}
     with_logprobs = params.logprobs is not None
@@ -125,17 +132,21 @@ class _Timing:
             self.metrics.generation_tokens.inc(c.last.num_output_tokens)
             if c.last.queue_time_s is not None:
                 self.metrics.queue_time.observe(c.last.queue_time_s)
+            if c.tools is not None:
+                self.metrics.tool_calls.labels(c.tools.mode).inc(len(c.tools.calls))
+                self.metrics.tool_call_failures.labels(c.tools.mode).inc(int(c.tools.malformed))
 
 
 class Generation:
     """One API request's choices in flight: their accumulated output, usage and client-side timings."""
 
-    def __init__(self, http: Request, engine: EngineClient, jobs: list[Job], n: int, state: AppState) -> None:
+    def __init__(self, http: Request, engine: EngineClient, jobs: list[Job], n: int, state: AppState,
+                 tools: ToolPlan | None = None) -> None:
         self.http = http
         self.engine = engine
         self.n = n
         self.state = state
-        self.choices = [Choice() for _ in jobs]
+        self.choices = [Choice(tools=tools.parser() if tools is not None else None) for _ in jobs]
         self.timing = _Timing(state.metrics)
         self._events = _interleave(engine, jobs)
         self._first: tuple[int, Delta] | None = None
@@ -145,14 +156,14 @@ class Generation:
         self._first = await _unless_disconnected(self.http, anext(self._events))
         return self
 
-    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        """Every (choice index, delta), accumulated into `choices` as it passes."""
+    async def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """Every (choice index, what its delta adds), accumulated into `choices` as it passes."""
         assert self._first is not None, "start() first"
         index, delta = self._first
         while True:
-            self.choices[index].add(delta)
+            update = self.choices[index].add(delta)
             self.timing.token(index)
-            yield index, delta
+            yield index, update
             try:
                 index, delta = await anext(self._events)
             except StopAsyncIteration:
@@ -250,8 +261,8 @@ async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any]
         for entry in fmt.opening(i):
             yield chunk([entry])
     try:
-        async for index, delta in generation.deltas():
-            for entry in fmt.delta_choices(index, delta, with_logprobs):
+        async for index, update in generation.deltas():
+            for entry in fmt.delta_choices(index, update, with_logprobs):
                 yield chunk([entry])
     except Exception as e:
         # The status line is long gone: the error travels as an event, in OpenAI's error shape, and the stream
