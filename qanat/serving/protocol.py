@@ -170,6 +170,9 @@ class ChatCompletionRequest(_CommonRequest):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # Extension (the name of OpenAI's Responses API field): at most this many calls in one reply. A forced call's
+    # grammar ends there, so a small model cannot add calls until max_tokens.
+    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
 
     def sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

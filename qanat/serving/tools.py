@@ -61,11 +61,12 @@ class Dialect:
     separator: str = ""
     parallel: bool = True  # the format can hold several calls
 
-    def grammar(self, parallel: bool) -> str:
-        """GBNF root for one call, or several; `tc-call` is one call object."""
+    def grammar(self, max_calls: int | None) -> str:
+        """GBNF root for 1 to max_calls calls (None: no limit); `tc-call` is one call object."""
         block = f"{_literal(self.open)} tc-call {_literal(self.close)}"
-        more = f" ( {_literal(self.separator)} {block} )*" if parallel and self.parallel else ""
-        return f"root ::= {_literal(self.prefix)} {block}{more} {_literal(self.suffix)}\n"
+        more = f" ( {_literal(self.separator)} {block} )"
+        repeat = "" if max_calls == 1 else more + ("*" if max_calls is None else f"{{0,{max_calls - 1}}}")
+        return f"root ::= {_literal(self.prefix)} {block}{repeat} {_literal(self.suffix)}\n"
 
     def call_text(self, name: str, arguments: Any) -> str:
         body = json.dumps({"name": name, self.args_key: arguments}, ensure_ascii=False)
@@ -129,7 +130,10 @@ def plan_tools(body: ChatCompletionRequest | CompletionRequest, card: ModelCard)
         raise InvalidRequestError(f"tool_choice {choice!r} needs tools: the request has none", param="tool_choice")
     dialect = DIALECTS.get(card.tool_call_format or "", GENERIC)
     parallel = body.parallel_tool_calls is not False and dialect.parallel
-    return ToolPlan(tools, mode, named, parallel, dialect)
+    # A named function is called once unless max_tool_calls says more; "required" has no limit by default, as
+    # with OpenAI (a small model may then repeat calls until max_tokens: max_tool_calls bounds it).
+    max_calls = 1 if not parallel else body.max_tool_calls or (1 if named is not None else None)
+    return ToolPlan(tools, mode, named, max_calls, dialect)
 
 
 def _validate_tools(definitions: list[ToolDefinition]) -> dict[str, Tool]:
@@ -185,8 +189,12 @@ class ToolPlan:
     tools: dict[str, Tool]
     mode: Mode
     named: str | None  # the function tool_choice names
-    parallel: bool
+    max_calls: int | None  # calls in one reply; 1 without parallel_tool_calls, None: no limit
     dialect: Dialect
+
+    @property
+    def parallel(self) -> bool:
+        return self.max_calls != 1
 
     @property
     def offered(self) -> list[Tool]:
@@ -208,7 +216,7 @@ class ToolPlan:
         if self.mode not in ("required", "named"):
             return None
         callable_tools = [self.tools[self.named]] if self.named is not None else list(self.tools.values())
-        rules = [self.dialect.grammar(self.parallel),
+        rules = [self.dialect.grammar(self.max_calls),
                  "tc-call ::= " + " | ".join(f"tc-call-{i}" for i in range(len(callable_tools))) + "\n"]
         for i, tool in enumerate(callable_tools):
             head = f'{{"name": "{tool.name}", "{self.dialect.args_key}": '
@@ -388,8 +396,7 @@ class ToolCallParser:
         if parsed is None or calls is None:
             self.malformed = True
             return Piece(held)
-        if not self.plan.parallel:
-            calls = calls[:1]
+        calls = calls[:self.plan.max_calls]
         pieces = []
         for name, arguments in calls:
             call = _Call(_call_id(), name, json.dumps(arguments, ensure_ascii=False))
