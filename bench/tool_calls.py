@@ -156,7 +156,8 @@ def measure(client: openai.OpenAI, model: str, named: bool, seed: int | None, fr
 
     with ThreadPoolExecutor(workers) as pool:
         outcomes = list(pool.map(one, jobs))
-    valid = sum(o.validates({case[1]} if named else {case[1], *case[2]}) for (case, _), o in zip(jobs, outcomes, strict=True))
+    allowed = [{case[1]} if named else {case[1], *case[2]} for case, _ in jobs]
+    valid = sum(o.validates(a) for a, o in zip(allowed, outcomes, strict=True))
     pairs = zip(outcomes[0::2], outcomes[1::2], strict=True)
     return Tally(valid, len(jobs), sum(a.calls == b.calls for a, b in pairs))
 
