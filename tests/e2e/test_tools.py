@@ -47,6 +47,7 @@ def valid(name: str, arguments: str) -> bool:
     return Draft202012Validator(TOOLS[name]["function"]["parameters"]).is_valid(json.loads(arguments))
 
 
+@pytest.mark.timeout(1200)  # 40 requests, prompts prefilled alone (--deterministic): minutes on a shared 2-core box
 def test_forced_calls_validate_streamed_and_not_and_streams_reassemble(client: openai.OpenAI,
                                                                         server: ServerProcess) -> None:
     """The 20 varied cases of bench/tool_calls.py, "required" and named in turn, each streamed and not."""
