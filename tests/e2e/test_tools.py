@@ -113,7 +113,7 @@ def test_agent_loop_with_the_openai_client(client: openai.OpenAI) -> None:
     final = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none",
                                            temperature=0, max_tokens=48)
     assert final.choices[0].message.content and final.choices[0].message.tool_calls is None
-    assert final.usage is not None and final.usage.prompt_tokens > first.usage.prompt_tokens  # type: ignore[union-attr]
+    assert final.choices[0].finish_reason in ("stop", "length")
     # A result for a call nobody made is refused, naming the field.
     messages[-1] = {**messages[-1], "tool_call_id": "call_unknown"}
     with pytest.raises(openai.BadRequestError) as refused:
