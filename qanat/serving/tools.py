@@ -408,7 +408,7 @@ class ToolCallParser:
     def _validated(self, calls: list[tuple[str, Any]]) -> list[tuple[str, Any]] | None:
         for name, arguments in calls:
             tool = self.plan.tools.get(name)
-            if tool is None or not tool.validator.is_valid(arguments):
+            if tool is None or not _is_valid(tool, arguments):
                 return None
         return calls or None
 
@@ -439,6 +439,13 @@ class ToolCallParser:
             self.calls.append(call)
             pieces.append(CallDelta(len(self.calls) - 1, call.id, call.name))
             self._args_start = head.end()
+
+
+def _is_valid(tool: Tool, arguments: Any) -> bool:
+    try:
+        return bool(tool.validator.is_valid(arguments))
+    except Exception:  # a schema that checks but cannot be applied (a $ref to nowhere): the call is not valid
+        return False
 
 
 def _call_id() -> str:

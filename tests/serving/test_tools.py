@@ -244,6 +244,16 @@ def test_auto_turns_a_malformed_call_into_text(output: str) -> None:
     assert content == output and pieces == [] and parser.malformed and parser.tool_calls() == []
 
 
+def test_a_schema_that_cannot_be_applied_makes_the_call_text_not_a_500() -> None:
+    broken = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": ASK, "tools": [broken]})
+    tools = plan_tools(request, CARD)
+    assert tools is not None and (parser := tools.parser()) is not None
+    output = '{"tool_calls": [{"name": "f", "arguments": {"x": 1}}]}'
+    assert feed_all(parser, output, 8) == (output, []) and parser.malformed
+
+
 def test_native_formats_are_parsed_with_the_text_around_them() -> None:
     hermes = plan(ModelCard("m", 256, "q", "c", "e", True, "hermes")).parser()
     assert hermes is not None and hermes.plan.dialect is HERMES
