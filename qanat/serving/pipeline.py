@@ -27,11 +27,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
-from qanat.engine.client import Delta, EngineClient, Prompt
+from qanat.engine.client import Delta, EngineClient, Prompt, RequestHints
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.sampling import SamplingParams
 from qanat.serving.errors import ClientDisconnectedError, ModelNotFoundError, error_body
-from qanat.serving.formats import Choice, ChoiceDelta, ResponseFormat
+from qanat.serving.formats import Choice, ChoiceDelta, Extras, ResponseFormat
 from qanat.serving.metrics import ServerMetrics
 from qanat.serving.protocol import ChatCompletionRequest, CompletionRequest
 from qanat.serving.state import AppState, app_state
@@ -53,18 +53,20 @@ async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
         if tools is not None:
             params, prompts = tools.apply(params, prompts)
         rendered = await render(engine, prompts)
+        hints = RequestHints(session=http.headers.get("x-session-id") or body.user, user=body.user)
         jobs = fan_out(rendered, params, body.n)
-        generation = await Generation(http, engine, jobs, body.n, state, tools).start()
+        generation = await Generation(http, engine, jobs, body.n, state, hints, tools).start()
     response_id, created = f"{fmt.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     head = {"id": response_id, "object": fmt.object, "created": created, "model": body.model}
-    with_logprobs = params.logprobs is not None
+    extras = Extras(logprobs=params.logprobs is not None, token_ids=body.return_token_ids)
+    headers = {"x-qanat-replica": generation.replica}
     if not body.stream:
         choices = await generation.collect()
-        return JSONResponse({**head, "choices": [fmt.choice(i, c, with_logprobs) for i, c in enumerate(choices)],
-                             "usage": generation.usage()})
+        return JSONResponse({**head, "choices": [fmt.choice(i, c, extras) for i, c in enumerate(choices)],
+                             "usage": generation.usage()}, headers=headers)
     head["object"] = fmt.chunk_object
-    return StreamingResponse(_sse(generation, fmt, head, with_logprobs, body.include_usage),
-                             media_type="text/event-stream")
+    return StreamingResponse(_sse(generation, fmt, head, extras, body.include_usage),
+                             media_type="text/event-stream", headers=headers)
 
 
 @contextlib.contextmanager
@@ -82,9 +84,10 @@ def _prompt_param(fmt: ResponseFormat) -> Iterator[None]:
 
 
 def admit_model(state: AppState, model: str) -> EngineClient:
-    engine = state.engine
-    if model != engine.card.id:
-        raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves '{engine.card.id}'")
+    engine = state.models.get(model)
+    if engine is None:
+        served = ", ".join(f"'{name}'" for name in state.models.names)
+        raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves {served}")
     return engine
 
 
@@ -141,20 +144,26 @@ class Generation:
     """One API request's choices in flight: their accumulated output, usage and client-side timings."""
 
     def __init__(self, http: Request, engine: EngineClient, jobs: list[Job], n: int, state: AppState,
-                 tools: ToolPlan | None = None) -> None:
+                 hints: RequestHints | None = None, tools: ToolPlan | None = None) -> None:
         self.http = http
         self.engine = engine
         self.n = n
         self.state = state
         self.choices = [Choice(tools=tools.parser() if tools is not None else None) for _ in jobs]
         self.timing = _Timing(state.metrics)
-        self._events = _interleave(engine, jobs)
+        self._events = _interleave(engine, jobs, hints)
         self._first: tuple[int, Delta] | None = None
 
     async def start(self) -> Generation:
         """Wait for the first delta before answering, so that errors (400, 429, 503) keep their status code."""
         self._first = await _unless_disconnected(self.http, anext(self._events))
         return self
+
+    @property
+    def replica(self) -> str:
+        """Which replica answers (for x-qanat-replica): the router's choice, or "local" for a lone engine."""
+        assert self._first is not None, "start() first"
+        return self._first[1].replica or "local"
 
     async def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
         """Every (choice index, what its delta adds), accumulated into `choices` as it passes."""
@@ -196,17 +205,18 @@ class Generation:
         }
 
 
-async def _interleave(engine: EngineClient, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+async def _interleave(engine: EngineClient, jobs: list[Job], hints: RequestHints | None
+                      ) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of every choice, interleaved as they come: (choice index, delta)."""
     if len(jobs) == 1:
-        async for delta in engine.generate(*jobs[0]):
+        async for delta in engine.generate(*jobs[0], hints=hints):
             yield 0, delta
         return
     queue: asyncio.Queue[tuple[int, Delta | None, BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, job: Job) -> None:
         try:
-            async for delta in engine.generate(*job):
+            async for delta in engine.generate(*job, hints=hints):
                 queue.put_nowait((index, delta, None))
         except Exception as e:
             queue.put_nowait((index, None, e))
@@ -249,7 +259,7 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any], with_logprobs: bool,
+async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any], extras: Extras,
                include_usage: bool) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         payload = {**head, "choices": choices}
@@ -262,7 +272,7 @@ async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any]
             yield chunk([entry])
     try:
         async for index, update in generation.deltas():
-            for entry in fmt.delta_choices(index, update, with_logprobs):
+            for entry in fmt.delta_choices(index, update, extras):
                 yield chunk([entry])
     except Exception as e:
         # The status line is long gone: the error travels as an event, in OpenAI's error shape, and the stream

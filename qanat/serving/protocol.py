@@ -126,6 +126,7 @@ class _CommonRequest(BaseModel):
     min_p: Annotated[float, _bounded("min_p")] | None = None
     repetition_penalty: Annotated[float, _bounded("repetition_penalty")] | None = None
     ignore_eos: bool = False
+    return_token_ids: bool = False  # vLLM's extension: each choice carries the ids it sampled
     stop_token_ids: Annotated[
         list[Annotated[int, Field(ge=0)]], Field(max_length=int(LIMITS["stop_token_ids"].hi))
     ] | None = None
@@ -199,6 +200,9 @@ class CompletionRequest(_CommonRequest):
     ]
     logprobs: Annotated[int, _int_bounded("logprobs")] | None = None
     echo: bool = False
+    # Qanat's extension, for a router continuing a stream another replica started: the ids already streamed for
+    # this (token id) prompt, recomputed as output and not sent again.
+    continue_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
 
     def sampling_params(self) -> SamplingParams:
@@ -208,8 +212,28 @@ class CompletionRequest(_CommonRequest):
 
     def prompts(self) -> list[Prompt]:
         prompt = self.prompt
+        if self.continue_token_ids is not None:
+            if isinstance(prompt, str) or not isinstance(prompt[0], int):
+                raise InvalidRequestError("continue_token_ids needs a prompt of token ids", param="continue_token_ids")
+            return [TokenPrompt(tuple(prompt), tuple(self.continue_token_ids))]  # type: ignore[arg-type]
         if isinstance(prompt, str):
             return [TextPrompt(prompt)]
         if isinstance(prompt[0], int):
             return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
         return [TextPrompt(str(p)) for p in prompt]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a text prompt, or chat messages rendered with the model's template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    def prompt_of(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give exactly one of 'prompt' or 'messages'", param="prompt")
+        if self.messages is not None:
+            return ChatCompletionRequest(model=self.model, messages=self.messages).prompts()[0]
+        return TextPrompt(self.prompt or "")

@@ -16,7 +16,7 @@ from qanat.config import EngineConfig
 from qanat.engine.client import Delta, FinishReason, ModelCard
 from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
 from qanat.engine.local import LocalEngine
-from qanat.serving.formats import ChatFormat, Choice
+from qanat.serving.formats import ChatFormat, Choice, Extras
 from qanat.serving.protocol import ChatCompletionRequest
 from qanat.serving.tools import GENERIC, HERMES, LLAMA3, ToolCallParser, ToolPlan, plan_tools
 from tests.models.test_chat_template import HERMES as HERMES_TEMPLATE
@@ -276,13 +276,13 @@ def test_chat_format_streams_calls_as_openai_and_the_reply_matches() -> None:
         text = CALLS[i:i + 9]
         done = i + 9 >= len(CALLS)
         delta = Delta("r", text, (1,), 5, 0, i // 9 + 1, FinishReason.STOP if done else None)
-        entries += fmt.delta_choices(0, choice.add(delta), with_logprobs=False)
+        entries += fmt.delta_choices(0, choice.add(delta), Extras())
     assert entries[-1] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
     deltas = [e["delta"] for e in entries[:-1]]
     assert all(set(d) == {"tool_calls"} for d in deltas)
     first = deltas[0]["tool_calls"][0]
     assert first["type"] == "function" and first["function"] == {"name": "get_weather", "arguments": ""}
-    reply = fmt.choice(0, choice, with_logprobs=False)
+    reply = fmt.choice(0, choice, Extras())
     assert reply["finish_reason"] == "tool_calls" and reply["message"]["content"] is None
     streamed: dict[int, str] = {}
     for d in deltas:
