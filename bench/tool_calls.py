@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--frequency-penalty", type=float, nargs="+", default=[0.0, 0.5])
     args = parser.parse_args()
-    client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai.OpenAI(base_url=f"{args.url}/v1", api_key="unused", max_retries=0, timeout=1800)
     model = client.models.list().data[0].id
     print("| tool_choice | sampling | frequency_penalty | valid calls (streamed + not) | streams = unstreamed |\n"
           "|---|---|---|---|---|", flush=True)
