@@ -20,6 +20,9 @@ from qanat.engine.sampling import SamplingParams
 @dataclass(frozen=True)
 class ChatPrompt:
     messages: tuple[Mapping[str, Any], ...]  # OpenAI-style {"role", "content"}; content already plain text
+    # Tool definitions for templates that render them natively (ModelCard.tool_call_format); messages may then
+    # carry "tool_calls" and "tool_call_id" as Hugging Face templates expect them.
+    tools: tuple[Mapping[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class ModelCard:
     chip: str  # where it runs, e.g. "cpu: AMD EPYC 9454 (2 threads)"
     energy_source: str  # measured:nvml | measured:rapl | estimated:cpu-time | ...
     has_chat_template: bool
+    tool_call_format: str | None = None  # the chat template's native tool calls: "hermes", "llama3"; None: none
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class LocalEngine:
         self._card = ModelCard(
             id=runtime.model_id, context_length=runtime.context_length, owned_by="qanat", chip=runtime.chip,
             energy_source=runtime.energy_source, has_chat_template=chat_template is not None,
+            tool_call_format=chat_template.tool_call_format if chat_template is not None else None,
         )
 
     @property
@@ -52,12 +53,13 @@ class LocalEngine:
 
     # -- rendering: synchronous versions for the worker thread and for in-process callers ------------------
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         if self.chat_template is None:
             raise ChatTemplateError(
                 f"model {self.runtime.model_id} has no chat template (tokenizer.chat_template): use /v1/completions"
             )
-        return self.chat_template.render(messages, add_generation_prompt=True)
+        return self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
 
     def render_sync(self, prompt: Prompt) -> TokenPrompt:
         if isinstance(prompt, TokenPrompt):
@@ -65,7 +67,7 @@ class LocalEngine:
         if isinstance(prompt, ChatPrompt):
             # The rendered template carries its own special tokens, as with transformers' apply_chat_template.
             try:
-                text = self.render_chat(prompt.messages)
+                text = self.render_chat(prompt.messages, prompt.tools)
             except ChatTemplateError as e:
                 raise InvalidRequestError(str(e), param="prompt") from e
             return TokenPrompt(tuple(self.tokenizer.tokenize(text, add_special=False)))

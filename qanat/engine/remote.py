@@ -288,7 +288,8 @@ def _response_format(params: SamplingParams) -> dict[str, Any]:
     if constraint.kind is ConstraintKind.JSON_SCHEMA:
         schema = json.loads(constraint.spec or "{}")
         return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
-    raise InvalidRequestError("a GBNF grammar cannot be sent to a remote OpenAI-compatible server", param="grammar")
+    raise InvalidRequestError("a GBNF grammar cannot be sent to a remote OpenAI-compatible server",
+                              param=constraint.param or "grammar")  # "tools" for a forced tool call
 
 
 def _logprobs(raw: dict[str, Any] | None, chat: bool) -> Logprobs | None:

@@ -148,6 +148,8 @@ class ModelRouter:
             id=self.name, context_length=min((c.context_length for c in cards if c.context_length), default=0),
             owned_by="qanat", chip="; ".join(f"{r.name}: {c.chip}" for r, c in zip(self.replicas, cards, strict=True)),
             energy_source=sources[0] if len(sources) == 1 else "mixed", has_chat_template=True,
+            # Native tool calls only when every replica speaks the same format; else the generic one.
+            tool_call_format=formats.pop() if len(formats := {c.tool_call_format for c in cards}) == 1 else None,
         )
 
     async def render(self, prompt: Prompt) -> Prompt:

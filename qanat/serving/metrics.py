@@ -73,6 +73,11 @@ class ServerMetrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("qanat_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("qanat_generation_tokens", "Tokens generated", registry=r)
+        self.tool_calls = Counter("qanat_tool_calls", "Tool calls returned, by tool_choice (auto, required, named)",
+                                  ["tool_choice"], registry=r)
+        self.tool_call_failures = Counter(
+            "qanat_tool_call_failures", "Outputs whose tool calls did not parse or validate (under auto: sent as text)",
+            ["tool_choice"], registry=r)
 
     def include(self, router_metrics: RouterMetrics) -> None:
         """Serve a router's families from this app's /metrics too."""

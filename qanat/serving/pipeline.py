@@ -1,8 +1,10 @@
 """A request's path through the serving layer, the same for every endpoint:
 
-    validate -> render -> admit -> generate -> format
+    validate -> tools -> render -> admit -> generate -> format
 
 `validate` turns the body into SamplingParams and prompts (pydantic did the types; LIMITS the ranges);
+`tools` (tools.py) checks tools and tool messages, writes them into the prompt and, when a call is forced,
+constrains the output with a grammar; its parser later splits each choice's output into text and tool calls;
 `render` applies the chat template and tokenizes, off the event loop (EngineClient.render); `admit` finds the
 engine for the model and waits for the first delta, so that refusals (400, 429, 503) keep their status codes;
 `generate` gathers the choices' deltas; `format` writes OpenAI's JSON or SSE through an endpoint's
@@ -29,10 +31,11 @@ from qanat.engine.client import Delta, EngineClient, Prompt, RequestHints
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.sampling import SamplingParams
 from qanat.serving.errors import ClientDisconnectedError, ModelNotFoundError, error_body
-from qanat.serving.formats import Choice, Extras, ResponseFormat
+from qanat.serving.formats import Choice, ChoiceDelta, Extras, ResponseFormat
 from qanat.serving.metrics import ServerMetrics
 from qanat.serving.protocol import ChatCompletionRequest, CompletionRequest
 from qanat.serving.state import AppState, app_state
+from qanat.serving.tools import ToolPlan, plan_tools
 
 log = logging.getLogger("qanat.server")
 T = TypeVar("T")
@@ -46,10 +49,13 @@ async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
     with _prompt_param(fmt):
         engine = admit_model(state, body.model)
         params, prompts = body.sampling_params(), body.prompts()
+        tools = plan_tools(body, engine.card)
+        if tools is not None:
+            params, prompts = tools.apply(params, prompts)
         rendered = await render(engine, prompts)
         hints = RequestHints(session=http.headers.get("x-session-id") or body.user, user=body.user)
         jobs = fan_out(rendered, params, body.n)
-        generation = await Generation(http, engine, jobs, body.n, state, hints).start()
+        generation = await Generation(http, engine, jobs, body.n, state, hints, tools).start()
     response_id, created = f"{fmt.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     head = {"id": response_id, "object": fmt.object, "created": created, "model": body.model}
     extras = Extras(logprobs=params.logprobs is not None, token_ids=body.return_token_ids)
@@ -130,18 +136,21 @@ class _Timing:
                 self.metrics.prompt_tokens.inc(c.last.num_prompt_tokens)
             if c.last.queue_time_s is not None:
                 self.metrics.queue_time.observe(c.last.queue_time_s)
+            if c.tools is not None:
+                self.metrics.tool_calls.labels(c.tools.mode).inc(len(c.tools.calls))
+                self.metrics.tool_call_failures.labels(c.tools.mode).inc(int(c.tools.malformed))
 
 
 class Generation:
     """One API request's choices in flight: their accumulated output, usage and client-side timings."""
 
     def __init__(self, http: Request, engine: EngineClient, jobs: list[Job], n: int, state: AppState,
-                 hints: RequestHints | None = None) -> None:
+                 hints: RequestHints | None = None, tools: ToolPlan | None = None) -> None:
         self.http = http
         self.engine = engine
         self.n = n
         self.state = state
-        self.choices = [Choice() for _ in jobs]
+        self.choices = [Choice(tools=tools.parser() if tools is not None else None) for _ in jobs]
         self.timing = _Timing(state.metrics)
         self._events = _interleave(engine, jobs, hints)
         self._first: tuple[int, Delta] | None = None
@@ -157,14 +166,14 @@ class Generation:
         assert self._first is not None, "start() first"
         return self._first[1].replica or "local"
 
-    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        """Every (choice index, delta), accumulated into `choices` as it passes."""
+    async def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """Every (choice index, what its delta adds), accumulated into `choices` as it passes."""
         assert self._first is not None, "start() first"
         index, delta = self._first
         while True:
-            self.choices[index].add(delta)
+            update = self.choices[index].add(delta)
             self.timing.token(index, len(delta.token_ids))
-            yield index, delta
+            yield index, update
             try:
                 index, delta = await anext(self._events)
             except StopAsyncIteration:
@@ -263,8 +272,8 @@ async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any]
         for entry in fmt.opening(i):
             yield chunk([entry])
     try:
-        async for index, delta in generation.deltas():
-            for entry in fmt.delta_choices(index, delta, extras):
+        async for index, update in generation.deltas():
+            for entry in fmt.delta_choices(index, update, extras):
                 yield chunk([entry])
     except Exception as e:
         # The status line is long gone: the error travels as an event, in OpenAI's error shape, and the stream
