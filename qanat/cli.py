@@ -1,4 +1,4 @@
-"""One entry point: `qanat serve | generate`."""
+"""One entry point: `qanat serve | generate | bench | plan | energy`."""
 
 from __future__ import annotations
 
@@ -125,16 +125,23 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         config = BenchConfig(
             url=args.url, model=args.model, api_key=args.api_key, endpoint=args.endpoint,
-            concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (),
+            concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (
+                (1, 4, 16, 64) if args.sweep else ()),
             rate=tuple(float(r) for r in args.rate.split(",")) if args.rate else (),
             duration_s=args.duration, ignore_eos=not args.no_ignore_eos, tokenizer=args.tokenizer,
             slo=Slo.parse(args.slo) if args.slo else None, timeout_s=args.timeout,
             workload=WorkloadSpec(
                 num_requests=args.num_requests, input_tokens=args.input_tokens, output_tokens=args.output_tokens,
                 shared_prefix_tokens=args.shared_prefix, dataset=args.dataset, seed=args.seed,
+                output_jitter=args.output_jitter if args.output_jitter is not None else (0.5 if args.sweep else 0.0),
             ),
         )
-        result = run_bench(config, show_progress=not args.quiet)
+        if args.sweep:
+            from qanat.bench.sweep import run_sweep
+
+            result = run_sweep(config, args.sweep_max_input, show_progress=not args.quiet)
+        else:
+            result = run_bench(config, show_progress=not args.quiet)
     except (ValueError, BenchError, FileNotFoundError) as e:
         print(f"qanat bench: {e}", file=sys.stderr)
         return 2
@@ -197,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--input-tokens", type=int, default=200)
     bench.add_argument("--output-tokens", type=int, default=128)
     bench.add_argument("--shared-prefix", type=int, default=0, help="tokens common to every prompt")
+    bench.add_argument("--output-jitter", type=float, default=None,
+                       help="spread output lengths uniformly in [1-F, 1+F] x --output-tokens (default 0; 0.5 with "
+                            "--sweep): fixed lengths make a closed loop run in synchronised waves")
     bench.add_argument("--dataset", choices=["synthetic", "multilingual"], default="synthetic")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
@@ -205,7 +215,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     bench.add_argument("--out", help="directory for result.json, summary.md and plots")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.add_argument("--sweep", action="store_true",
+                       help="the runs `qanat plan --calibrate` needs: prefill at 4 prompt lengths, decode at each "
+                            "--concurrency (default 1,4,16,64) at short and long context, power")
+    bench.add_argument("--sweep-max-input", type=int, default=1024, help="longest prompt of --sweep, in tokens")
     bench.set_defaults(run=_bench)
+
+    plan = commands.add_parser("plan", help="which chip, how many, at what latency, joules and price (predicted)")
+    from qanat.planner.cli import add_plan_args, run_plan
+
+    add_plan_args(plan)
+    plan.set_defaults(run=run_plan)
 
     args = parser.parse_args(argv)
     try:

@@ -47,7 +47,11 @@ def summary_markdown(result: dict[str, Any]) -> str:
     ]
     for run in result["runs"]:
         cells = [_fmt(run["aggregate"].get(key), digits) for _, key, digits in SUMMARY_COLUMNS]
-        lines.append(f"| {run['load']} | " + " | ".join(cells) + " |")
+        label = run["load"]
+        if "phase" in run:  # --sweep: each run has its own workload
+            workload = run["workload"]
+            label = f"{run['phase']} {run['load']} ({workload['input_tokens']}/{workload['output_tokens']})"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     errors = {run["load"]: run["aggregate"]["errors_by_kind"] for run in result["runs"] if run["aggregate"]["failed"]}
     if errors:
         lines += ["", "Errors by kind: " + "; ".join(f"{load}: {kinds}" for load, kinds in errors.items())]

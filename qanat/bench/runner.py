@@ -88,7 +88,7 @@ def _tokenizer(config: BenchConfig, model_id: str) -> Tokenizer | None:
 def _body(config: BenchConfig, model_id: str, prompt: Prompt) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model_id,
-        "max_tokens": config.workload.output_tokens,
+        "max_tokens": prompt.output_tokens or config.workload.output_tokens,
         "temperature": 0,
         "stream_options": {"include_usage": True},
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Protocol
 
@@ -36,12 +36,17 @@ class WorkloadSpec:
     shared_prefix_tokens: int = 0
     dataset: str = "synthetic"  # or "multilingual"
     seed: int = 0
+    # Spread of output lengths around output_tokens (0.5: uniform in [0.5x, 1.5x]). With one fixed length a closed
+    # loop synchronises into waves (every request ends on the same step, the next ones arrive together).
+    output_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dataset not in ("synthetic", "multilingual"):
             raise ValueError(f"--dataset must be 'synthetic' or 'multilingual', got {self.dataset!r}")
         if self.num_requests < 1 or self.input_tokens < 1 or self.output_tokens < 1:
             raise ValueError("--num-requests, --input-tokens and --output-tokens must be >= 1")
+        if not 0 <= self.output_jitter < 1:
+            raise ValueError(f"--output-jitter must be in [0, 1), got {self.output_jitter}")
         if not 0 <= self.shared_prefix_tokens < self.input_tokens:
             raise ValueError(
                 f"--shared-prefix ({self.shared_prefix_tokens}) must be below --input-tokens ({self.input_tokens})"
@@ -54,6 +59,7 @@ class Prompt:
     input_tokens: int  # exact when `exact`, else estimated from its length in characters
     exact: bool
     language: str | None = None
+    output_tokens: int | None = None  # this request's max_tokens when the workload jitters output lengths
 
 
 def multilingual_prompts() -> list[tuple[str, str]]:
@@ -80,6 +86,15 @@ def _fit(text: str, n_tokens: int, tokenizer: Tokenizer) -> tuple[str, int]:
 
 
 def build_prompts(spec: WorkloadSpec, tokenizer: Tokenizer | None) -> list[Prompt]:
+    prompts = _build_prompts(spec, tokenizer)
+    if not spec.output_jitter:
+        return prompts
+    rng = random.Random(spec.seed + 7919)  # its own stream: prompt texts stay those of the unjittered workload
+    lo, hi = spec.output_tokens * (1 - spec.output_jitter), spec.output_tokens * (1 + spec.output_jitter)
+    return [replace(p, output_tokens=max(1, round(rng.uniform(lo, hi)))) for p in prompts]
+
+
+def _build_prompts(spec: WorkloadSpec, tokenizer: Tokenizer | None) -> list[Prompt]:
     rng = random.Random(spec.seed)
     if spec.dataset == "multilingual":
         rows = multilingual_prompts()

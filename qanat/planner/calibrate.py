@@ -1,0 +1,262 @@
+"""Calibration: fit one chip's efficiency factors and power curve to a `qanat bench` result, and keep them
+as a profile keyed by (chip, engine, precision) that later predictions use (and say so).
+
+The fit minimises squared log errors of the predicted median TPOT and TTFT of every unsaturated run, with the
+same step and queue model `qanat plan` predicts with, over five factors: bandwidth, compute and attention
+efficiency, a fixed time per step (per-layer and per-step costs are one constant for a fixed model) and a fixed
+time per decoded sequence (logits, sampling: what batching a decode does not amortise). Power, when the result
+carries energy, is a linear least-squares fit of watts on the step's memory and compute busy fractions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from qanat.planner.catalog import planner_home
+from qanat.planner.chips import ChipSpec
+from qanat.planner.efficiency import Efficiency
+from qanat.planner.model import ModelSpec
+from qanat.planner.serving import Engine, Traffic
+from qanat.planner.step import Deployment
+
+FITTED = ("mem", "compute", "attention", "step_s", "token_s")
+MIN_TPOT_TOKENS = 8  # a TPOT over fewer output tokens (the prefill runs') is a few gaps of noise: not fitted
+# A second start for the search: a host far from its datasheet (slow, overhead-heavy), where fits of
+# contended CPUs land; the better of the two fits is kept.
+_SLOW_START = {"mem": 0.3, "compute": 0.05, "attention": 0.05, "step_s": 0.05, "token_s": 0.01}
+_SHARES = {"mem", "compute", "attention"}  # in (0, 1): searched through a logistic; times through a logarithm
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One run of a bench result, as calibration needs it."""
+
+    concurrency: int
+    input_tokens: float  # mean prompt tokens the server counted
+    output_tokens: float
+    tpot_s: float | None
+    ttft_s: float | None
+    output_tps: float
+    power_w: float | None  # mean watts over the run, as the target (or a local meter) reported
+    label: str = ""
+
+
+def observations(result: dict[str, Any]) -> list[Observation]:
+    """Closed-loop runs of a schema-1 result; per-run workloads (`--sweep`) override the global one."""
+    if result["config"]["mode"] != "closed":
+        raise ValueError("calibration needs closed-loop runs (--concurrency or --sweep)")
+    obs = []
+    for run in result["runs"]:
+        agg = run["aggregate"]
+        if not agg["completed"]:
+            continue
+        workload = run.get("workload") or result["config"]["workload"]
+        done = agg["completed"]
+        prompt = agg["total_input_tokens"] / done if agg["total_input_tokens"] else workload["input_tokens"]
+        output = agg["total_output_tokens"] / done if agg["total_output_tokens"] else workload["output_tokens"]
+        power = run.get("power_w")
+        if power is None and agg.get("energy_joules") and agg["duration_s"]:
+            power = agg["energy_joules"] / agg["duration_s"]
+        tpot = agg.get("median_tpot_ms")
+        ttft = agg.get("median_ttft_ms")
+        obs.append(Observation(int(run["load"]), prompt, output, tpot / 1e3 if tpot else None,
+                               ttft / 1e3 if ttft else None, agg["output_throughput"], power,
+                               str(run.get("phase", ""))))
+    if not obs:
+        raise ValueError("the result has no completed runs")
+    return obs
+
+
+def _nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float = 0.5, iterations: int = 400,
+                 tolerance: float = 1e-10) -> list[float]:
+    """Derivative-free minimisation (Nelder & Mead 1965), enough for a handful of parameters."""
+    n = len(x0)
+    simplex = [list(x0)] + [[x + (step if i == j else 0.0) for j, x in enumerate(x0)] for i in range(n)]
+    values = [f(p) for p in simplex]
+    for _ in range(iterations):
+        order = sorted(range(n + 1), key=lambda i: values[i])
+        simplex, values = [simplex[i] for i in order], [values[i] for i in order]
+        if abs(values[-1] - values[0]) < tolerance:
+            break
+        centroid = [sum(p[j] for p in simplex[:-1]) / n for j in range(n)]
+        worst = simplex[-1]
+
+        def toward(t: float, centroid: list[float] = centroid, worst: list[float] = worst) -> list[float]:
+            return [c + t * (w - c) for c, w in zip(centroid, worst, strict=True)]
+
+        reflected = toward(-1.0)
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = toward(-2.0)
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = toward(0.5)
+            fc = f(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:  # shrink toward the best point
+                best = simplex[0]
+                simplex = [best] + [[b + 0.5 * (x - b) for b, x in zip(best, p, strict=True)] for p in simplex[1:]]
+                values = [values[0]] + [f(p) for p in simplex[1:]]
+    return simplex[min(range(n + 1), key=lambda i: values[i])]
+
+
+def _to_search(name: str, value: float) -> float:
+    if name in _SHARES:
+        v = min(max(value, 1e-4), 0.999)
+        return math.log(v / (1 - v))
+    return math.log(max(value, 1e-5))
+
+
+def _with_params(base: Efficiency, xs: Sequence[float]) -> Efficiency:
+    """Unbounded search coordinates -> factors (no clamps: a clamp is a flat region Nelder-Mead stalls on)."""
+    values: dict[str, float] = {}
+    for name, x in zip(FITTED, xs, strict=True):
+        x = min(max(x, -30.0), 30.0)
+        values[name] = 1 / (1 + math.exp(-x)) if name in _SHARES else math.exp(x)
+    return replace(base, layer_s=0.0, **values)  # type: ignore[arg-type]
+
+
+def predict_run(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency,
+                ob: Observation) -> tuple[float, float, float]:
+    """(TPOT, TTFT, output tokens/s) the model predicts for one observed run."""
+    engine = Engine(model, chip, deploy, eff)
+    traffic = Traffic(max(1, round(ob.input_tokens)), max(1, round(ob.output_tokens)))
+    op = engine.closed_loop(ob.concurrency, traffic, eff.max_batch)
+    return op.tpot_s, op.ttft_s, op.output_tps
+
+
+@dataclass(frozen=True)
+class Fit:
+    efficiency: Efficiency
+    residuals: dict[str, dict[str, float]]  # metric -> {"median": APE, "p90": APE}
+    used_runs: int
+    skipped: list[str]
+
+
+def _ape_summary(pairs: list[tuple[float, float]]) -> dict[str, float]:
+    errors = sorted(abs(p - m) / m for p, m in pairs if m)
+    if not errors:
+        return {}
+    p90 = errors[min(len(errors) - 1, math.ceil(0.9 * len(errors)) - 1)]
+    return {"median": statistics.median(errors), "p90": p90, "n": float(len(errors))}
+
+
+def usable_runs(obs: list[Observation], max_batch: int) -> tuple[list[Observation], list[str]]:
+    """Runs the steady-state model can be fitted to, and why the others are left out (queueing for a slot)."""
+    usable = [o for o in obs if o.concurrency <= max_batch and o.tpot_s]
+    skipped = [f"concurrency {o.concurrency} > max batch {max_batch}" if o.concurrency > max_batch
+               else f"concurrency {o.concurrency}: no TPOT measured" for o in obs if o not in usable]
+    return usable, skipped
+
+
+def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, obs: list[Observation]) -> Fit:
+    usable, skipped = usable_runs(obs, base.max_batch)
+    if len(usable) < 2:
+        raise ValueError("calibration needs at least two unsaturated runs with a measured TPOT")
+
+    def loss(logs: list[float]) -> float:
+        eff = _with_params(base, logs)
+        total = 0.0
+        for ob in usable:
+            tpot, ttft, _ = predict_run(model, chip, deploy, eff, ob)
+            if ob.output_tokens >= MIN_TPOT_TOKENS:
+                total += math.log(tpot / ob.tpot_s) ** 2  # type: ignore[operator]
+            if ob.ttft_s:
+                total += math.log(ttft / ob.ttft_s) ** 2
+        return total
+
+    results = []
+    for start in ({name: getattr(base, name) for name in FITTED}, _SLOW_START):
+        best = [_to_search(name, start[name]) for name in FITTED]
+        value = loss(best)
+        for step in (1.0, 0.5, 0.25, 0.1, 0.05):  # restarts: Nelder-Mead stalls in narrow valleys
+            candidate = _nelder_mead(loss, best, step=step)
+            candidate_value = loss(candidate)
+            if candidate_value < value:
+                best, value = candidate, candidate_value
+        results.append((value, best))
+    eff = _with_params(base, min(results)[1])
+    eff = _fit_power(model, chip, deploy, eff, usable)
+    predicted = [(ob, predict_run(model, chip, deploy, eff, ob)) for ob in usable]
+    residuals = {
+        "tpot_s": _ape_summary([(p[0], o.tpot_s) for o, p in predicted
+                                if o.tpot_s and o.output_tokens >= MIN_TPOT_TOKENS]),
+        "ttft_s": _ape_summary([(p[1], o.ttft_s) for o, p in predicted if o.ttft_s]),
+        "output_tps": _ape_summary([(p[2], o.output_tps) for o, p in predicted]),
+    }
+    return Fit(eff, {k: v for k, v in residuals.items() if v}, len(usable), skipped)
+
+
+def _fit_power(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency,
+               obs: list[Observation]) -> Efficiency:
+    import numpy as np
+
+    rows, watts = [], []
+    for ob in obs:
+        if ob.power_w is None:
+            continue
+        engine = Engine(model, chip, deploy, eff)
+        op = engine.closed_loop(ob.concurrency, Traffic(round(ob.input_tokens), round(ob.output_tokens)), eff.max_batch)
+        rows.append([1.0, op.step.memory_busy, op.step.compute_busy])
+        watts.append(ob.power_w / deploy.chips)
+    if len(rows) < 3:
+        return eff
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(watts), rcond=None)
+    idle = max(0.0, float(coef[0]))
+    span = max(chip.tdp_w - idle, 1e-9)
+    return replace(eff, idle_w=idle, power_mem=max(0.0, float(coef[1])) / span,
+                   power_compute=max(0.0, float(coef[2])) / span)
+
+
+# ---- profiles ---------------------------------------------------------------------------------------------
+def profiles_dir() -> Path:
+    return planner_home() / "profiles"
+
+
+def profile_key(chip: str, engine: str, precision: str) -> str:
+    return "__".join(part.replace("/", "-").replace(" ", "-") for part in (chip, engine, precision))
+
+
+def save_profile(chip: ChipSpec, engine: str, precision: str, model: str, fitted: Fit, source: str) -> Path:
+    """The factors are relative to the chip's figures, so those are kept too (a probed host differs run to run)."""
+    path = profiles_dir() / f"{profile_key(chip.name, engine, precision)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "chip": chip.name, "engine": engine, "precision": precision, "model": model, "source": source,
+        "chip_figures": {"memory_bw": chip.memory_bw, "peak_flops": chip.peak_flops, "tdp_w": chip.tdp_w},
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "runs": fitted.used_runs,
+        "efficiency": fitted.efficiency.to_dict(), "residuals": fitted.residuals,
+    }, indent=2))
+    return path
+
+
+def find_profile(chip: str, precision: str, engine: str | None = None) -> dict[str, Any] | None:
+    """The profile for this chip and precision (and engine, when given); the newest when several match."""
+    root = profiles_dir()
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("chip") == chip and str(data.get("precision", "")).upper() == precision.upper() and (
+                engine is None or data.get("engine") == engine):
+            found.append((data.get("created", ""), path, data))
+    if not found:
+        return None
+    _, path, data = max(found, key=lambda item: item[0])
+    data["path"] = str(path)
+    return dict(data)
