@@ -13,7 +13,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint bench clean
+.PHONY: serve test lint bench browser screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(STAMP)
 	$(BIN)/ruff check qanat tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
+
+# Debian's Chromium for the browser tests (as root; .ci/run does it on a fresh machine). Playwright drives it;
+# `playwright install` is never used (its download host is not reachable here, and Debian's build is patched).
+browser:
+	test -x /usr/lib/chromium/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+
+# Re-takes docs/webui*.png from the browser tests (real server, real model, under load).
+screenshots: $(STAMP)
+	QANAT_SCREENSHOTS=docs $(BIN)/python -m pytest tests/e2e/test_webui.py -k "second_turn or dashboard_figures or replica"
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine_throughput.py

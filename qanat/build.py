@@ -21,11 +21,17 @@ from qanat.engine.executors.base import Executor, Tokenizer
 from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
 from qanat.engine.executors.process import ProcessExecutor
 from qanat.engine.local import LocalEngine
+from qanat.engine.remote import RemoteEngine, RemoteSettings
 from qanat.models.chat_template import ChatTemplate
 from qanat.models.locate import model_id_for, resolve_model_path
+from qanat.router.config import LoadedFile
+from qanat.router.metrics import RouterMetrics
+from qanat.router.policies import ReplicaView, make_policy
+from qanat.router.router import ModelRouter, Replica
 
 if TYPE_CHECKING:
     from qanat.engine.executors.llamacpp import LlamaTokenizer
+    from qanat.serving.state import ModelRegistry
 
 
 def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> LocalEngine:
@@ -81,8 +87,44 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
     return LocalEngine(runtime, tokenizer, chat_template, core)
 
 
-def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+def build_models(file: LoadedFile, defaults: EngineConfig) -> ModelRegistry:
+    """Every model of a qanat.yaml, each a router over its replicas: local engines (llama.cpp in a child process
+    each) and remote upstreams. `defaults` (the command line) fills what the file leaves out."""
+    from qanat.serving.state import ModelRegistry
+
+    metrics = RouterMetrics()
+    routers: dict[str, ModelRouter] = {}
+    built: list[EngineClient] = []
+    try:
+        for model in file.spec.models:
+            replicas = []
+            for spec in model.replicas:
+                engine: EngineClient
+                if spec.is_local:
+                    local = build_llamacpp_engine(spec.engine_config(defaults))
+                    built.append(local)
+                    engine, capacity, health_url = local, local.runtime.num_slots, None
+                else:
+                    assert spec.url is not None and spec.model is not None
+                    engine = RemoteEngine(RemoteSettings(spec.url, spec.model, spec.api_key(), spec.connect_timeout_s,
+                                                         spec.read_timeout_s))
+                    capacity = spec.parallel
+                    root = spec.url.rstrip("/").removesuffix("/v1")
+                    health_url = root + spec.health_path if spec.health_path else None
+                replicas.append(Replica(ReplicaView(spec.name, capacity), engine, health_url))
+            routers[model.name] = ModelRouter(model.name, replicas, make_policy(model.policy), metrics,
+                                              model.max_retries)
+    except BaseException:
+        for engine in built:
+            engine.shutdown()
+        raise
+    for model in file.spec.models:
+        routers[model.name].fallbacks = [routers[name] for name in model.fallbacks]
+    return ModelRegistry(dict(routers))
+
+
+def build_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> FastAPI:
     from qanat.serving.app import create_app
 
-    return create_app(engine, config)
+    return create_app(models, config)
 

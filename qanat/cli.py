@@ -70,8 +70,19 @@ def _serve(args: argparse.Namespace) -> int:
     keys += [k.strip() for k in os.environ.get("QANAT_API_KEYS", "").split(",") if k.strip()]
     carbon = CarbonModel.for_grid(args.grid, pue=args.pue, intensity_g_per_kwh=args.grid_intensity)
     server_config = ServerConfig(host=args.host, port=args.port, api_keys=tuple(keys),
-                                 drain_timeout_s=args.drain_timeout, carbon=carbon)
-    return serve(_engine_config(args), server_config)
+                                 drain_timeout_s=args.drain_timeout, carbon=carbon, webui=not args.no_webui)
+    return serve(_engine_config(args), server_config, args.config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from qanat.router.config import load_config_file
+
+    loaded = load_config_file(args.file)  # ConfigError: printed by main with the line and the field
+    for model in loaded.spec.models:
+        replicas = ", ".join(f"{r.name} ({'local ' + str(r.gguf) if r.is_local else r.url})" for r in model.replicas)
+        print(f"{model.name}: {model.policy} over {replicas}")
+    print(f"{args.file}: OK")
+    return 0
 
 
 def _energy(args: argparse.Namespace) -> int:
@@ -157,7 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--grid", default="WORLD", help="grid for CO2 figures: FR, MA, US, WORLD")
     serve.add_argument("--grid-intensity", type=float, default=None, help="gCO2e/kWh, overrides --grid's value")
     serve.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
+    serve.add_argument("--config", help="qanat.yaml: serve every model it lists, over its replicas")
+    serve.add_argument("--no-webui", action="store_true", help="do not serve the chat playground and dashboard at /")
     serve.set_defaults(run=_serve)
+
+    config = commands.add_parser("config", help="config check FILE: validate a qanat.yaml without serving")
+    config.add_argument("action", choices=["check"])
+    config.add_argument("file")
+    config.set_defaults(run=_config)
 
     energy = commands.add_parser("energy", help="which energy meters exist here, which are readable, power now")
     energy.add_argument("--cpu-tdp-w", type=float, default=None)

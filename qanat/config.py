@@ -60,6 +60,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     carbon: CarbonModel = field(default_factory=CarbonModel)
+    webui: bool = True  # the chat playground and live dashboard at /
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")

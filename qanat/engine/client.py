@@ -20,6 +20,9 @@ from qanat.engine.sampling import SamplingParams
 @dataclass(frozen=True)
 class ChatPrompt:
     messages: tuple[Mapping[str, Any], ...]  # OpenAI-style {"role", "content"}; content already plain text
+    # Tool definitions for templates that render them natively (ModelCard.tool_call_format); messages may then
+    # carry "tool_calls" and "tool_call_id" as Hugging Face templates expect them.
+    tools: tuple[Mapping[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,20 @@ class TextPrompt:
 @dataclass(frozen=True)
 class TokenPrompt:
     token_ids: tuple[int, ...]
+    # Output another replica already streamed for this prompt: recomputed as output (one decode step each, as
+    # it was first computed, so a deterministic engine reaches bit-identical numbers) and never sent again.
+    generated_ids: tuple[int, ...] = ()
 
 
 Prompt = ChatPrompt | TextPrompt | TokenPrompt
+
+
+@dataclass(frozen=True)
+class RequestHints:
+    """What a router may weigh besides the prompt; engines that serve alone ignore it."""
+
+    session: str | None = None  # x-session-id, else the request's `user`: keeps a conversation on one replica
+    user: str | None = None
 
 
 # -- what comes back -------------------------------------------------------------------------------------
@@ -89,6 +103,7 @@ class Delta:
     queue_time_s: float | None = None  # on the final delta
     energy_j: float | None = None  # on the final delta: the request's attributed energy
     error: RequestError | None = None  # on a final delta with finish_reason ERROR
+    replica: str | None = None  # which replica produced it, when a router chose one
 
 
 # -- what an engine says about itself --------------------------------------------------------------------
@@ -102,6 +117,7 @@ class ModelCard:
     chip: str  # where it runs, e.g. "cpu: AMD EPYC 9454 (2 threads)"
     energy_source: str  # measured:nvml | measured:rapl | estimated:cpu-time | ...
     has_chat_template: bool
+    tool_call_format: str | None = None  # the chat template's native tool calls: "hermes", "llama3"; None: none
 
 
 @dataclass(frozen=True)
@@ -145,8 +161,8 @@ class EngineClient(Protocol):
         Raises InvalidRequestError (param "prompt") when the prompt cannot be rendered or does not fit."""
         ...
 
-    def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
-                 ) -> AsyncIterator[Delta]:
+    def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                 hints: RequestHints | None = None) -> AsyncIterator[Delta]:
         """Stream one request's deltas; leaving the iteration early aborts the request.
 
         Raises InvalidRequestError, QueueFullError, RequestFailedError or EngineUnavailableError."""

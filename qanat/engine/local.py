@@ -22,6 +22,7 @@ from qanat.engine.client import (
     ModelCard,
     Prompt,
     RequestError,
+    RequestHints,
     TokenPrompt,
 )
 from qanat.engine.core.detokenizer import IncrementalDetokenizer
@@ -43,6 +44,7 @@ class LocalEngine:
         self._card = ModelCard(
             id=runtime.model_id, context_length=runtime.context_length, owned_by="qanat", chip=runtime.chip,
             energy_source=runtime.energy_source, has_chat_template=chat_template is not None,
+            tool_call_format=chat_template.tool_call_format if chat_template is not None else None,
         )
 
     @property
@@ -51,12 +53,13 @@ class LocalEngine:
 
     # -- rendering: synchronous versions for the worker thread and for in-process callers ------------------
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]],
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         if self.chat_template is None:
             raise ChatTemplateError(
                 f"model {self.runtime.model_id} has no chat template (tokenizer.chat_template): use /v1/completions"
             )
-        return self.chat_template.render(messages, add_generation_prompt=True)
+        return self.chat_template.render(messages, add_generation_prompt=True, tools=tools)
 
     def render_sync(self, prompt: Prompt) -> TokenPrompt:
         if isinstance(prompt, TokenPrompt):
@@ -64,7 +67,7 @@ class LocalEngine:
         if isinstance(prompt, ChatPrompt):
             # The rendered template carries its own special tokens, as with transformers' apply_chat_template.
             try:
-                text = self.render_chat(prompt.messages)
+                text = self.render_chat(prompt.messages, prompt.tools)
             except ChatTemplateError as e:
                 raise InvalidRequestError(str(e), param="prompt") from e
             return TokenPrompt(tuple(self.tokenizer.tokenize(text, add_special=False)))
@@ -77,11 +80,11 @@ class LocalEngine:
             return prompt
         return await asyncio.to_thread(self.render_sync, prompt)
 
-    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
-                       ) -> AsyncIterator[Delta]:
+    async def generate(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                       hints: RequestHints | None = None) -> AsyncIterator[Delta]:
         tokens = await self.render(prompt)
         assert isinstance(tokens, TokenPrompt)
-        request = self.make_request(list(tokens.token_ids), params, request_id)
+        request = self.make_request(list(tokens.token_ids), params, request_id, list(tokens.generated_ids))
         stream = Stream(request, IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop),
                         asyncio.get_running_loop(), asyncio.Queue())
         self.core.submit(stream)
@@ -126,15 +129,22 @@ class LocalEngine:
 
     # -- checks -----------------------------------------------------------------------------------------
 
-    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        """Validate sizes against the context and ids against the vocabulary; errors name the numbers."""
+    def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     replay_ids: list[int] | None = None) -> Request:
+        """Validate sizes against the context and ids against the vocabulary; errors name the numbers.
+
+        `replay_ids` (a continuation) count as output: max_tokens covers them."""
         n_prompt = len(prompt_ids)
         n_vocab = self.tokenizer.n_vocab
         context = self.runtime.context_length
         if n_prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        if any(not 0 <= t < n_vocab for t in prompt_ids):
+        replay_ids = replay_ids or []
+        if any(not 0 <= t < n_vocab for t in (*prompt_ids, *replay_ids)):
             raise InvalidRequestError(f"prompt token ids must be in 0..{n_vocab - 1}", param="prompt")
+        if params.max_tokens is not None and len(replay_ids) >= params.max_tokens:
+            raise InvalidRequestError(f"max_tokens ({params.max_tokens}) leaves nothing to generate after the "
+                                      f"{len(replay_ids)} tokens to continue from", param="max_tokens")
         for token_id, _ in params.logit_bias:
             if not 0 <= token_id < n_vocab:
                 raise InvalidRequestError(
@@ -158,6 +168,7 @@ class LocalEngine:
             params=params,
             max_tokens=max_tokens,
             eog_ids=self.tokenizer.eog_ids,
+            replay_ids=replay_ids,
         )
 
 

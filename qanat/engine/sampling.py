@@ -47,7 +47,7 @@ LIMITS: dict[str, Limit] = {
 class ConstraintKind(enum.Enum):
     JSON_OBJECT = "json_object"  # any JSON object
     JSON_SCHEMA = "json_schema"  # `spec` is a JSON schema, as JSON text
-    GRAMMAR = "grammar"  # `spec` is a GBNF grammar whose root rule is "root"
+    GRAMMAR = "grammar"  # `spec` is a GBNF grammar whose root rule is "root"; it may use `schemas`' rules
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class OutputConstraint:
 
     kind: ConstraintKind
     spec: str | None = None
+    # GRAMMAR only: (rule name, JSON schema as JSON text) pairs, each compiled into a rule of that name that the
+    # grammar can use: literal text around schema-checked JSON (tool calls) without the caller writing JSON GBNF.
+    schemas: tuple[tuple[str, str], ...] = ()
+    param: str | None = None  # the request field it came from, named when it is refused
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -15,10 +17,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from qanat import __version__
 from qanat.config import ServerConfig
 from qanat.engine.client import EngineClient
+from qanat.router.router import ModelRouter
 from qanat.serving.errors import UnauthorizedError, error_response, install_error_handlers
+from qanat.serving.live import LiveSampler, live_route
 from qanat.serving.metrics import ServerMetrics
 from qanat.serving.routes import router as openai_router
-from qanat.serving.state import AppState, Gateway, app_state
+from qanat.serving.state import AppState, Gateway, ModelRegistry, app_state
 
 
 class _BodyTooLargeError(Exception):
@@ -127,11 +131,11 @@ def _probes() -> APIRouter:
         state = app_state(request)
         if state.gateway.draining:
             return error_response(503, "the server is draining", "server_error", code="draining")
-        health = state.engine.health()
+        health = state.models.health()
         if not health.ready:
             return error_response(503, f"the engine is not ready: {health.detail}", "server_error",
                                   code="engine_unavailable", headers={"Retry-After": "1"})
-        return JSONResponse({"status": "ready", "model": state.engine.card.id, "restarts": health.restarts,
+        return JSONResponse({"status": "ready", "models": state.models.names, "restarts": health.restarts,
                              "executor_pid": health.executor_pid})
 
     return probes
@@ -162,26 +166,50 @@ def _docs_routes(app: FastAPI) -> APIRouter:
     return docs
 
 
-def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+def create_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> FastAPI:
+    registry = models if isinstance(models, ModelRegistry) else ModelRegistry.of(models)
+    routers = [m for m in registry if isinstance(m, ModelRouter)]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Routers probe their remote replicas and pool connections on the serving event loop.
+        for router in routers:
+            await router.start()
+        sampling = asyncio.create_task(state.live.run())  # /metrics/live's samples, while the app is served
+        yield
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling
+        for router in routers:
+            await router.stop()
+
     app = FastAPI(title="Qanat", version=__version__, description="OpenAI-compatible inference server",
-                  docs_url=None, redoc_url=None, openapi_url=None)
-    state = AppState(engine=engine, config=config, metrics=ServerMetrics(engine))
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    metrics = ServerMetrics(registry)
+    for router_metrics in {id(r.metrics): r.metrics for r in routers}.values():
+        metrics.include(router_metrics)
+    state = AppState(models=registry, config=config, metrics=metrics, live=LiveSampler(registry, metrics))
     app.state.qanat = state
     install_error_handlers(app)
     auth = [Depends(require_api_key(config.api_keys))]
     app.include_router(_probes())
     app.include_router(openai_router, dependencies=auth)
     app.include_router(_metrics_route(), dependencies=auth)
+    app.include_router(live_route(state.live), dependencies=auth)
     app.include_router(_docs_routes(app), dependencies=auth)
+    if config.webui:
+        from qanat.webui.routes import page_router
+
+        app.include_router(page_router(auth_required=bool(config.api_keys)))
     app.add_middleware(GatewayMiddleware, config=config, gateway=state.gateway, metrics=state.metrics)
     return app
 
 
-def startup_line(engine: EngineClient, config: ServerConfig) -> str:
-    card = engine.card
+def startup_line(models: ModelRegistry, config: ServerConfig) -> str:
     return json.dumps({
-        "event": "ready", "url": f"http://{config.host}:{config.port}/v1", "model": card.id,
-        "context_length": card.context_length, "chip": card.chip, "auth": bool(config.api_keys),
-        "energy_source": card.energy_source, "grid": config.carbon.grid,
-        "executor_pid": engine.health().executor_pid,
+        "event": "ready", "url": f"http://{config.host}:{config.port}/v1", "auth": bool(config.api_keys),
+        "webui": f"http://{config.host}:{config.port}/" if config.webui else None,
+        "models": [{"id": m.card.id, "context_length": m.card.context_length, "chip": m.card.chip,
+                    "energy_source": m.card.energy_source} for m in models],
+        "grid": config.carbon.grid, "executor_pid": models.health().executor_pid,
     })

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qanat.engine.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestFailedError
+from qanat.engine.remote import UpstreamError
 from qanat.models.chat_template import ChatTemplateError
 
 log = logging.getLogger("qanat.server")
@@ -44,6 +46,11 @@ class ApiError:
 
 def describe(exc: BaseException) -> ApiError:
     match exc:
+        case UpstreamError():
+            raw = exc.body.get("error")
+            error: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            return ApiError(exc.status, str(error.get("message") or exc), str(error.get("type") or "upstream_error"),
+                            error.get("param"), error.get("code"))
         case InvalidRequestError():
             return ApiError(400, str(exc), "invalid_request_error", exc.param)
         case ChatTemplateError():
@@ -79,6 +86,8 @@ def error_response(
 
 
 def _response(exc: BaseException) -> JSONResponse:
+    if isinstance(exc, UpstreamError):  # an upstream's 4xx travels on as it was sent
+        return JSONResponse(exc.body, status_code=exc.status)
     e = describe(exc)
     headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
     return error_response(e.status, e.message, e.type, e.param, e.code, headers)
@@ -110,5 +119,5 @@ def install_error_handlers(app: FastAPI) -> None:
     # Each class registered by name: a handler for Exception alone runs outside the app's middleware, and
     # Starlette re-raises after it answers.
     for cls in (InvalidRequestError, ChatTemplateError, UnauthorizedError, ModelNotFoundError, QueueFullError,
-                ClientDisconnectedError, RequestFailedError, EngineUnavailableError, Exception):
+                ClientDisconnectedError, RequestFailedError, EngineUnavailableError, UpstreamError, Exception):
         app.add_exception_handler(cls, _known)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from qanat.engine.client import EngineClient
+from qanat.engine.client import EngineStats
+from qanat.router.metrics import RouterMetrics
+
+
+class StatsSource(Protocol):
+    def stats(self) -> EngineStats: ...
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
 
@@ -16,7 +23,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60,
 class _EngineCollector(Collector):
     """Reads the engine's live state at scrape time."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: StatsSource) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
@@ -50,7 +57,7 @@ class _EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: StatsSource) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
         r = self.registry
@@ -66,3 +73,12 @@ class ServerMetrics:
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("qanat_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("qanat_generation_tokens", "Tokens generated", registry=r)
+        self.tool_calls = Counter("qanat_tool_calls", "Tool calls returned, by tool_choice (auto, required, named)",
+                                  ["tool_choice"], registry=r)
+        self.tool_call_failures = Counter(
+            "qanat_tool_call_failures", "Outputs whose tool calls did not parse or validate (under auto: sent as text)",
+            ["tool_choice"], registry=r)
+
+    def include(self, router_metrics: RouterMetrics) -> None:
+        """Serve a router's families from this app's /metrics too."""
+        self.registry.register(router_metrics.registry)

@@ -1,8 +1,10 @@
 """A request's path through the serving layer, the same for every endpoint:
 
-    validate -> render -> admit -> generate -> format
+    validate -> tools -> render -> admit -> generate -> format
 
 `validate` turns the body into SamplingParams and prompts (pydantic did the types; LIMITS the ranges);
+`tools` (tools.py) checks tools and tool messages, writes them into the prompt and, when a call is forced,
+constrains the output with a grammar; its parser later splits each choice's output into text and tool calls;
 `render` applies the chat template and tokenizes, off the event loop (EngineClient.render); `admit` finds the
 engine for the model and waits for the first delta, so that refusals (400, 429, 503) keep their status codes;
 `generate` gathers the choices' deltas; `format` writes OpenAI's JSON or SSE through an endpoint's
@@ -25,14 +27,15 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
-from qanat.engine.client import Delta, EngineClient, Prompt
+from qanat.engine.client import Delta, EngineClient, Prompt, RequestHints
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.sampling import SamplingParams
 from qanat.serving.errors import ClientDisconnectedError, ModelNotFoundError, error_body
-from qanat.serving.formats import Choice, ResponseFormat
+from qanat.serving.formats import Choice, ChoiceDelta, Extras, ResponseFormat
 from qanat.serving.metrics import ServerMetrics
 from qanat.serving.protocol import ChatCompletionRequest, CompletionRequest
 from qanat.serving.state import AppState, app_state
+from qanat.serving.tools import ToolPlan, plan_tools
 
 log = logging.getLogger("qanat.server")
 T = TypeVar("T")
@@ -46,18 +49,24 @@ async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
     with _prompt_param(fmt):
         engine = admit_model(state, body.model)
         params, prompts = body.sampling_params(), body.prompts()
+        tools = plan_tools(body, engine.card)
+        if tools is not None:
+            params, prompts = tools.apply(params, prompts)
         rendered = await render(engine, prompts)
-        generation = await Generation(http, engine, fan_out(rendered, params, body.n), body.n, state).start()
+        hints = RequestHints(session=http.headers.get("x-session-id") or body.user, user=body.user)
+        jobs = fan_out(rendered, params, body.n)
+        generation = await Generation(http, engine, jobs, body.n, state, hints, tools).start()
     response_id, created = f"{fmt.id_prefix}-{uuid.uuid4().hex}", int(time.time())
     head = {"id": response_id, "object": fmt.object, "created": created, "model": body.model}
-    with_logprobs = params.logprobs is not None
+    extras = Extras(logprobs=params.logprobs is not None, token_ids=body.return_token_ids)
+    headers = {"x-qanat-replica": generation.replica}
     if not body.stream:
         choices = await generation.collect()
-        return JSONResponse({**head, "choices": [fmt.choice(i, c, with_logprobs) for i, c in enumerate(choices)],
-                             "usage": generation.usage()})
+        return JSONResponse({**head, "choices": [fmt.choice(i, c, extras) for i, c in enumerate(choices)],
+                             "usage": generation.usage()}, headers=headers)
     head["object"] = fmt.chunk_object
-    return StreamingResponse(_sse(generation, fmt, head, with_logprobs, body.include_usage),
-                             media_type="text/event-stream")
+    return StreamingResponse(_sse(generation, fmt, head, extras, body.include_usage),
+                             media_type="text/event-stream", headers=headers)
 
 
 @contextlib.contextmanager
@@ -75,9 +84,10 @@ def _prompt_param(fmt: ResponseFormat) -> Iterator[None]:
 
 
 def admit_model(state: AppState, model: str) -> EngineClient:
-    engine = state.engine
-    if model != engine.card.id:
-        raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves '{engine.card.id}'")
+    engine = state.models.get(model)
+    if engine is None:
+        served = ", ".join(f"'{name}'" for name in state.models.names)
+        raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves {served}")
     return engine
 
 
@@ -106,7 +116,9 @@ class _Timing:
     start_s: float = field(default_factory=time.perf_counter)
     last_token_s: dict[int, float] = field(default_factory=dict)  # choice index -> its last token's time
 
-    def token(self, index: int) -> None:
+    def token(self, index: int, num_tokens: int) -> None:
+        # Counted as they stream, not when the request ends: rates stay live, and a stopped reply's tokens count.
+        self.metrics.generation_tokens.inc(num_tokens)
         now = time.perf_counter()
         last = self.last_token_s.get(index)
         if last is None:
@@ -122,22 +134,25 @@ class _Timing:
                 continue
             if i % n == 0:
                 self.metrics.prompt_tokens.inc(c.last.num_prompt_tokens)
-            self.metrics.generation_tokens.inc(c.last.num_output_tokens)
             if c.last.queue_time_s is not None:
                 self.metrics.queue_time.observe(c.last.queue_time_s)
+            if c.tools is not None:
+                self.metrics.tool_calls.labels(c.tools.mode).inc(len(c.tools.calls))
+                self.metrics.tool_call_failures.labels(c.tools.mode).inc(int(c.tools.malformed))
 
 
 class Generation:
     """One API request's choices in flight: their accumulated output, usage and client-side timings."""
 
-    def __init__(self, http: Request, engine: EngineClient, jobs: list[Job], n: int, state: AppState) -> None:
+    def __init__(self, http: Request, engine: EngineClient, jobs: list[Job], n: int, state: AppState,
+                 hints: RequestHints | None = None, tools: ToolPlan | None = None) -> None:
         self.http = http
         self.engine = engine
         self.n = n
         self.state = state
-        self.choices = [Choice() for _ in jobs]
+        self.choices = [Choice(tools=tools.parser() if tools is not None else None) for _ in jobs]
         self.timing = _Timing(state.metrics)
-        self._events = _interleave(engine, jobs)
+        self._events = _interleave(engine, jobs, hints)
         self._first: tuple[int, Delta] | None = None
 
     async def start(self) -> Generation:
@@ -145,14 +160,20 @@ class Generation:
         self._first = await _unless_disconnected(self.http, anext(self._events))
         return self
 
-    async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
-        """Every (choice index, delta), accumulated into `choices` as it passes."""
+    @property
+    def replica(self) -> str:
+        """Which replica answers (for x-qanat-replica): the router's choice, or "local" for a lone engine."""
+        assert self._first is not None, "start() first"
+        return self._first[1].replica or "local"
+
+    async def deltas(self) -> AsyncIterator[tuple[int, ChoiceDelta]]:
+        """Every (choice index, what its delta adds), accumulated into `choices` as it passes."""
         assert self._first is not None, "start() first"
         index, delta = self._first
         while True:
-            self.choices[index].add(delta)
-            self.timing.token(index)
-            yield index, delta
+            update = self.choices[index].add(delta)
+            self.timing.token(index, len(delta.token_ids))
+            yield index, update
             try:
                 index, delta = await anext(self._events)
             except StopAsyncIteration:
@@ -185,17 +206,18 @@ class Generation:
         }
 
 
-async def _interleave(engine: EngineClient, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+async def _interleave(engine: EngineClient, jobs: list[Job], hints: RequestHints | None
+                      ) -> AsyncIterator[tuple[int, Delta]]:
     """Deltas of every choice, interleaved as they come: (choice index, delta)."""
     if len(jobs) == 1:
-        async for delta in engine.generate(*jobs[0]):
+        async for delta in engine.generate(*jobs[0], hints=hints):
             yield 0, delta
         return
     queue: asyncio.Queue[tuple[int, Delta | None, BaseException | None]] = asyncio.Queue()
 
     async def pump(index: int, job: Job) -> None:
         try:
-            async for delta in engine.generate(*job):
+            async for delta in engine.generate(*job, hints=hints):
                 queue.put_nowait((index, delta, None))
         except Exception as e:
             queue.put_nowait((index, None, e))
@@ -238,7 +260,7 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any], with_logprobs: bool,
+async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any], extras: Extras,
                include_usage: bool) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         payload = {**head, "choices": choices}
@@ -250,8 +272,8 @@ async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any]
         for entry in fmt.opening(i):
             yield chunk([entry])
     try:
-        async for index, delta in generation.deltas():
-            for entry in fmt.delta_choices(index, delta, with_logprobs):
+        async for index, update in generation.deltas():
+            for entry in fmt.delta_choices(index, update, extras):
                 yield chunk([entry])
     except Exception as e:
         # The status line is long gone: the error travels as an event, in OpenAI's error shape, and the stream

@@ -33,16 +33,61 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class FunctionCall(BaseModel):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """A call an assistant made earlier in the conversation."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: StrictStr | None = None  # tool: the call this message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def as_dict(self) -> dict[str, Any]:
+        # "developer" is OpenAI's newer name for "system"; templates only know the latter.
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(BaseModel):
@@ -81,6 +126,7 @@ class _CommonRequest(BaseModel):
     min_p: Annotated[float, _bounded("min_p")] | None = None
     repetition_penalty: Annotated[float, _bounded("repetition_penalty")] | None = None
     ignore_eos: bool = False
+    return_token_ids: bool = False  # vLLM's extension: each choice carries the ids it sampled
     stop_token_ids: Annotated[
         list[Annotated[int, Field(ge=0)]], Field(max_length=int(LIMITS["stop_token_ids"].hi))
     ] | None = None
@@ -122,6 +168,12 @@ class ChatCompletionRequest(_CommonRequest):
     logprobs: bool = False
     top_logprobs: Annotated[int, _int_bounded("logprobs")] | None = None
     response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Extension (the name of OpenAI's Responses API field): at most this many calls in one reply. A forced call's
+    # grammar ends there, so a small model cannot add calls until max_tokens.
+    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
 
     def sampling_params(self) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -139,11 +191,7 @@ class ChatCompletionRequest(_CommonRequest):
         return OutputConstraint(ConstraintKind.JSON_SCHEMA, json.dumps(fmt.json_schema.schema_))
 
     def prompts(self) -> list[Prompt]:
-        # "developer" is OpenAI's newer name for "system"; templates only know the latter.
-        messages = tuple(
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
-        )
-        return [ChatPrompt(messages)]
+        return [ChatPrompt(tuple(m.as_dict() for m in self.messages))]
 
 
 class CompletionRequest(_CommonRequest):
@@ -152,6 +200,9 @@ class CompletionRequest(_CommonRequest):
     ]
     logprobs: Annotated[int, _int_bounded("logprobs")] | None = None
     echo: bool = False
+    # Qanat's extension, for a router continuing a stream another replica started: the ids already streamed for
+    # this (token id) prompt, recomputed as output and not sent again.
+    continue_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
 
     def sampling_params(self) -> SamplingParams:
@@ -161,8 +212,28 @@ class CompletionRequest(_CommonRequest):
 
     def prompts(self) -> list[Prompt]:
         prompt = self.prompt
+        if self.continue_token_ids is not None:
+            if isinstance(prompt, str) or not isinstance(prompt[0], int):
+                raise InvalidRequestError("continue_token_ids needs a prompt of token ids", param="continue_token_ids")
+            return [TokenPrompt(tuple(prompt), tuple(self.continue_token_ids))]  # type: ignore[arg-type]
         if isinstance(prompt, str):
             return [TextPrompt(prompt)]
         if isinstance(prompt[0], int):
             return [TokenPrompt(tuple(prompt))]  # type: ignore[arg-type]
         return [TextPrompt(str(p)) for p in prompt]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a text prompt, or chat messages rendered with the model's template."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+    def prompt_of(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give exactly one of 'prompt' or 'messages'", param="prompt")
+        if self.messages is not None:
+            return ChatCompletionRequest(model=self.model, messages=self.messages).prompts()[0]
+        return TextPrompt(self.prompt or "")

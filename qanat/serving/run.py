@@ -16,19 +16,22 @@ from types import FrameType
 
 import uvicorn
 
-from qanat.build import build_app, build_llamacpp_engine
+from qanat.build import build_app, build_llamacpp_engine, build_models
 from qanat.config import EngineConfig, ServerConfig
+from qanat.router.config import load_config_file
 from qanat.serving.app import startup_line
-from qanat.serving.state import AppState
+from qanat.serving.state import AppState, ModelRegistry
 
 log = logging.getLogger("qanat.server")
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+def serve(engine_config: EngineConfig, server_config: ServerConfig, config_file: str | None = None) -> int:
+    """Serve the embedded model (or --model) alone, or every model a qanat.yaml lists."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = build_llamacpp_engine(engine_config)
+    models = (build_models(load_config_file(config_file), engine_config) if config_file
+              else ModelRegistry.of(build_llamacpp_engine(engine_config)))
     try:
-        app = build_app(engine, server_config)
+        app = build_app(models, server_config)
         state: AppState = app.state.qanat
         server = uvicorn.Server(uvicorn.Config(
             app, host=server_config.host, port=server_config.port, log_level="warning",
@@ -48,7 +51,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         if not server.started:  # uvicorn said why (the port is taken, ...)
             thread.join()
             return 1
-        print(startup_line(engine, server_config), file=sys.stderr, flush=True)
+        print(startup_line(models, server_config), file=sys.stderr, flush=True)
         while thread.is_alive() and not signals:
             time.sleep(0.1)
         if signals:
@@ -56,7 +59,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         server.should_exit = True
         thread.join()
     finally:
-        engine.shutdown()
+        models.shutdown()
     return 0
 
 

@@ -207,3 +207,22 @@ def test_executor_death_fails_running_requests_keeps_waiting_ones_and_restarts()
         assert totals.attributed_j + totals.idle_j == pytest.approx(totals.total_j) and totals.attributed_j > 0
     finally:
         engine.shutdown()
+
+
+def test_a_continuation_replays_what_was_sent_and_streams_only_the_rest(fake: LocalEngine) -> None:
+    ids = tokenize(fake, "continue me")
+    full = run(collect(fake, ids, SamplingParams(temperature=0, max_tokens=30)))
+    sent = tokens_of(full)[:11]
+
+    rest = run(resume_with(fake, ids, sent, 30))
+    assert tokens_of(rest) == tokens_of(full)[11:]  # type: ignore[arg-type]
+    assert text_of(rest) == text_of(full)[11:]  # type: ignore[arg-type]
+    assert rest[-1].num_output_tokens == 30 and rest[-1].num_prompt_tokens == len(ids)  # type: ignore[attr-defined]
+    with pytest.raises(InvalidRequestError, match="leaves nothing to generate") as info:
+        run(resume_with(fake, ids, sent, 11))
+    assert info.value.param == "max_tokens"
+
+
+async def resume_with(engine: LocalEngine, ids: list[int], sent: list[int], max_tokens: int) -> list[object]:
+    prompt = TokenPrompt(tuple(ids), generated_ids=tuple(sent))
+    return [d async for d in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens))]

@@ -81,6 +81,7 @@ def test_completions_many_prompts_n_and_logprobs(engine: LocalEngine) -> None:
         ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "w" * 400}]}, 400, "messages"),
         ("/v1/completions", {"model": MODEL, "prompt": "w" * 400}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "w", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"model": MODEL, "prompt": "w", "continue_token_ids": [5]}, 400, "continue_token_ids"),
         ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
         ("/v1/chat/completions", {**CHAT, "model": "gpt-9"}, 404, "model"),
     ],
@@ -101,7 +102,7 @@ def test_one_auth_dependency_on_every_route_but_the_probes(engine: LocalEngine) 
     assert call(engine, "POST", "/v1/chat/completions", keyed, json=CHAT).json()["error"]["code"] == "invalid_api_key"
     assert call(engine, "GET", "/health", keyed).status_code == 200
     ready = call(engine, "GET", "/ready", keyed)
-    assert ready.status_code == 200 and ready.json()["model"] == MODEL
+    assert ready.status_code == 200 and ready.json()["models"] == [MODEL]
 
 
 def test_models_card_and_metrics(engine: LocalEngine) -> None:

@@ -163,8 +163,9 @@ class EngineCore:
         for request_id, refusal in result.refused.items():
             self._end(self._streams[request_id].request, FinishReason.ERROR,
                       RequestError(ErrorKind.INVALID, refusal.message, refusal.param))
-        texts, stop_hits = self._detokenize(result.sampled)
-        outputs = self.scheduler.update(plan, result.sampled, stop_hits)
+        sampled = self._replay(result.sampled)
+        texts, stop_hits = self._detokenize(sampled)
+        outputs = self.scheduler.update(plan, sampled, stop_hits)
         self._publish(outputs, texts, result.logprobs)
 
     def _batch(self, plan: SchedulerPlan) -> StepBatch:
@@ -184,6 +185,16 @@ class EngineCore:
         shares = self.energy.record(result.energy.idle_j, result.energy.busy_j, tokens)
         for chunk in plan.chunks:
             chunk.request.energy_j += shares.get(chunk.request.request_id, 0.0)
+
+    def _replay(self, sampled: dict[str, int]) -> dict[str, int]:
+        """A continuation's already-sent outputs take the place of what was sampled, one per step: the KV, the
+        detokenizer's held-back bytes and stop-string state end up as they were on the replica that died."""
+        replayed = dict(sampled)
+        for request_id in sampled:
+            request = self._streams[request_id].request
+            if request.is_replaying:
+                replayed[request_id] = request.replay_ids[len(request.output_ids)]
+        return replayed
 
     def _detokenize(self, sampled: dict[str, int]) -> tuple[dict[str, str], frozenset[str]]:
         """Each sampled token's text, and which requests' text now reaches a stop string."""
@@ -248,6 +259,8 @@ class EngineCore:
             if out.finished:
                 text += stream.detokenizer.flush()
                 self._release(request)
+            if len(request.output_ids) <= len(request.replay_ids) and not out.finished:
+                continue  # the client has this token already
             sampled = logprobs.get(request.request_id)
             delta = self._delta(request, text, (out.new_token_id,), self._logprobs(sampled) if sampled else None)
             by_loop[stream.loop].append((stream.sink, delta))

@@ -34,6 +34,7 @@ class Request:
     arrival_s: float = field(default_factory=time.monotonic)
     scheduled_s: float | None = None  # when it got a slot: queue time = scheduled_s - arrival_s
     energy_j: float = 0.0  # its share of the energy of every step it was in
+    replay_ids: list[int] = field(default_factory=list)  # outputs to reproduce before sampling (a continuation)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -46,6 +47,11 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def is_replaying(self) -> bool:
+        """Its next output is a replayed one, not a sampled one."""
+        return len(self.output_ids) < len(self.replay_ids)
 
     @property
     def is_finished(self) -> bool:

@@ -127,7 +127,8 @@ class FakeExecutor:
         refused: dict[str, Refusal] = {}
         for request_id, params in batch.new_requests:
             if params.constraint is not None:
-                refused[request_id] = Refusal("the fake model has no grammar support", "response_format")
+                refused[request_id] = Refusal("the fake model has no grammar support",
+                                              params.constraint.param or "response_format")
             else:
                 self.samplers[request_id] = _FakeSampler(params)
         for op in batch.cache_ops:

@@ -9,6 +9,7 @@ vocabulary alone, for the caller's side of the boundary.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import random
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import llama_cpp
 import llama_cpp._logger as llama_logger
 import numpy as np
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter, json_schema_to_gbnf
 
 from qanat.energy.meters import cpu_model, open_meter
 from qanat.engine.errors import InvalidRequestError
@@ -174,12 +175,33 @@ def constraint_grammar(constraint: OutputConstraint) -> str:
     """The GBNF grammar (root rule "root") that enforces a constraint."""
     if constraint.kind is ConstraintKind.JSON_OBJECT:
         return JSON_GBNF
-    if constraint.kind is ConstraintKind.GRAMMAR:
-        return constraint.spec or ""
+    param = constraint.param or "response_format"
     try:
-        return str(json_schema_to_gbnf(constraint.spec or "{}"))
+        if constraint.kind is ConstraintKind.GRAMMAR:
+            return (constraint.spec or "") + _schema_rules(constraint.schemas)
+        return _strict_json_chars(str(json_schema_to_gbnf(constraint.spec or "{}")))
     except Exception as e:  # the converter raises assorted errors on schemas it cannot express
-        raise InvalidRequestError(f"unsupported JSON schema: {e}", param="response_format") from e
+        raise InvalidRequestError(f"unsupported JSON schema: {e}", param=param) from e
+
+
+def _schema_rules(schemas: tuple[tuple[str, str], ...]) -> str:
+    """GBNF rules for named JSON schemas; one converter, so shared primitives ("space", "string") appear once."""
+    if not schemas:
+        return ""
+    # llama-cpp-python's converter has no type hints.
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)  # type: ignore[no-untyped-call]
+    for name, schema in schemas:
+        converter.visit(converter.resolve_refs(json.loads(schema), name), name)  # type: ignore[no-untyped-call]
+    return "\n" + _strict_json_chars(str(converter.format_grammar()))  # type: ignore[no-untyped-call]
+
+
+# llama-cpp-python's converter lets raw control characters (a newline) into JSON strings, which JSON parsers
+# refuse; llama.cpp's own converter and JSON_GBNF exclude them, as here.
+_JSON_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+def _strict_json_chars(gbnf: str) -> str:
+    return "\n".join(_JSON_CHAR_RULE if line.startswith("char ::= ") else line for line in gbnf.split("\n"))
 
 
 class RequestSampler:
@@ -215,7 +237,8 @@ class RequestSampler:
             grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, gbnf.encode(), b"root")
             if not grammar:
                 self.close()
-                param = "grammar" if params.constraint.kind is ConstraintKind.GRAMMAR else "response_format"
+                param = params.constraint.param or (
+                    "grammar" if params.constraint.kind is ConstraintKind.GRAMMAR else "response_format")
                 raise InvalidRequestError("the grammar does not parse", param=param)
             self._add(grammar)
         if (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0):

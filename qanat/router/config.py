@@ -1,0 +1,180 @@
+"""`qanat.yaml`: the models a server offers and the replicas behind each, validated once.
+
+A bad file gets an error that names the line and the field (`qanat.yaml:7: models[0].replicas[1].parallel:
+...`). Secrets never sit in the file: a remote replica names the environment variable that holds its key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qanat.config import FLASH_ATTN_MODES, ConfigError, EngineConfig
+
+Policy = Literal["round_robin", "least_load", "prefix", "session", "energy"]
+POLICIES: tuple[str, ...] = ("round_robin", "least_load", "prefix", "session", "energy")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReplicaSpec(_Strict):
+    """A local engine (`gguf`) or a remote OpenAI-compatible upstream (`url`): exactly one of the two."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    # local: a GGUF path, or "default" for the embedded model; its engine settings as `qanat serve` takes them
+    gguf: str | None = None
+    parallel: Annotated[int, Field(ge=1, le=256)] = 16
+    ctx: Annotated[int, Field(ge=32, le=1_048_576)] = 2048
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+    batch: Annotated[int, Field(ge=1, le=65536)] = 512
+    max_waiting: Annotated[int, Field(ge=0, le=100_000)] = 256
+    flash_attn: str = "auto"
+    deterministic: bool = False
+    # remote: where, the model's name there, the environment variable holding its key, timeouts
+    url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    read_timeout_s: Annotated[float, Field(gt=0)] = 120.0  # longest wait between two bytes of a stream
+    health_path: str | None = "/health"  # probed relative to the server root; null turns probing off
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ReplicaSpec:
+        if (self.gguf is None) == (self.url is None):
+            raise ValueError("a replica needs exactly one of 'gguf' (a local engine) or 'url' (a remote server)")
+        if self.flash_attn not in FLASH_ATTN_MODES:
+            raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN_MODES)}")
+        if self.url is not None and self.model is None:
+            raise ValueError("a remote replica needs 'model': the model's name on that server")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.gguf is not None
+
+    def engine_config(self, defaults: EngineConfig) -> EngineConfig:
+        """The local engine's settings; anything the file leaves out comes from `defaults` (the command line)."""
+        assert self.gguf is not None
+        return EngineConfig(
+            model=None if self.gguf == "default" else self.gguf, ctx=self.ctx, parallel=self.parallel,
+            threads=self.threads or defaults.threads, batch_tokens=self.batch, max_waiting=self.max_waiting,
+            flash_attn=self.flash_attn, deterministic=self.deterministic, energy_meter=defaults.energy_meter,
+            cpu_tdp_w=defaults.cpu_tdp_w,
+        )
+
+    def api_key(self) -> str | None:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise ConfigError(f"replica {self.name}: the environment variable {self.api_key_env} is not set")
+        return key
+
+
+class ModelSpec(_Strict):
+    name: Annotated[str, Field(min_length=1)]  # what clients send as "model"
+    policy: Policy = "least_load"
+    fallbacks: list[str] = Field(default_factory=list)
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2  # other replicas tried before the first token
+    replicas: Annotated[list[ReplicaSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _unique(self) -> ModelSpec:
+        names = [r.name for r in self.replicas]
+        if len(set(names)) != len(names):
+            raise ValueError(f"replica names must be unique within a model, got {names}")
+        return self
+
+
+class QanatFile(_Strict):
+    models: Annotated[list[ModelSpec], Field(min_length=1)]
+    guardrails: str | None = None
+
+    def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Names that must match across models, as (where, what is wrong)."""
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        names = [m.name for m in self.models]
+        for i, model in enumerate(self.models):
+            if names.index(model.name) != i:
+                errors.append((("models", i, "name"), f"model name {model.name!r} is used twice"))
+            for j, fallback in enumerate(model.fallbacks):
+                if fallback not in names or fallback == model.name:
+                    errors.append((("models", i, "fallbacks", j),
+                                   f"fallback {fallback!r} is not another model of this file"))
+        return errors
+
+
+@dataclass(frozen=True)
+class LoadedFile:
+    spec: QanatFile
+    path: Path
+
+
+def load_config_file(path: str | Path) -> LoadedFile:
+    """Parse and validate; every error says `FILE:LINE: field: what is wrong`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from e
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    if node is None:
+        raise ConfigError(f"{path}:1: the file is empty; it needs a 'models' list")
+    lines: dict[tuple[str | int, ...], int] = {}
+    data = _to_python(node, (), lines)
+    try:
+        spec = QanatFile.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = tuple(first["loc"])
+        raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc) or 'file'}: {first['msg']}") from e
+    for loc, message in spec.reference_errors():
+        raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc)}: {message}")
+    return LoadedFile(spec, path)
+
+
+def _to_python(node: yaml.Node, path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]) -> Any:
+    """The YAML node tree as plain data, remembering each value's line (1-based) by its path."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            out[key] = _to_python(value_node, (*path, key), lines)
+            lines[(*path, key)] = key_node.start_mark.line + 1  # the key's line, for errors about it
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(item, (*path, i), lines) for i, item in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))  # a scalar, typed as YAML types it
+
+
+def _line_of(loc: tuple[Any, ...], lines: dict[tuple[str | int, ...], int]) -> int:
+    """The line of the deepest part of `loc` that the file has (a missing field: its parent's line)."""
+    for n in range(len(loc), -1, -1):
+        key = tuple(p for p in loc[:n] if not isinstance(p, str) or not p.startswith("function-"))
+        if key in lines:
+            return lines[key]
+    return 1
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and not part.startswith("function-"):
+            out += f".{part}" if out else part
+    return out
