@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from qanat.energy.accounting import EnergyTotals
 from qanat.engine.sampling import SamplingParams
@@ -183,3 +183,28 @@ class EngineClient(Protocol):
     def stats(self) -> EngineStats: ...
 
     def shutdown(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RelayedStream:
+    """An upstream's streamed answer passed through as it came: its SSE bytes, and which replica sends them."""
+
+    replica: str
+    chunks: AsyncIterator[bytes]
+
+
+@runtime_checkable
+class ByteRelay(Protocol):
+    """An engine that can hand a request to an OpenAI-compatible upstream as it is and stream back the upstream's
+    bytes untouched: no per-token parsing or formatting (a router over plain remote upstreams)."""
+
+    def can_relay(self) -> bool:
+        """Whether `relay` may be used now (every replica it could choose is a plain upstream)."""
+        ...
+
+    async def relay(self, path: str, body: dict[str, Any], prompt: Prompt, hints: RequestHints) -> RelayedStream:
+        """Send `body` (an OpenAI request body, streamed) to `path` on a chosen replica; returns once its first
+        bytes arrived, so that failures before them keep their status codes (and may be retried elsewhere).
+        `prompt` is the body's prompt, for policies that route by it. The chunks raise if the upstream fails
+        mid-stream."""
+        ...

@@ -11,7 +11,7 @@ prompts to token ids (its /tokenize) and streams the ids it samples, so a router
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,28 @@ class RemoteEngine:
                     raise _status_error(response)
                 async for delta in self._deltas(response, chat, request_id or "", params):
                     yield delta
+        except httpx.HTTPError as e:
+            raise UpstreamUnavailableError(f"{self.settings.base_url}: {type(e).__name__}: {e}") from e
+        finally:
+            self._in_flight -= 1
+
+    async def relay(self, path: str, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        """The upstream's streamed answer to `body` ("/chat/completions" or "/completions"), byte for byte.
+
+        Raises before the first bytes as `generate` does; mid-stream, UpstreamUnavailableError when the
+        connection breaks or the stream ends without its `data: [DONE]` (only its tail is looked at)."""
+        self._in_flight += 1
+        try:
+            async with self._client.stream("POST", path, json={**body, "model": self.settings.model}) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise _status_error(response)
+                tail = b""
+                async for data in response.aiter_bytes():
+                    tail = (tail + data)[-32:]
+                    yield data
+                if _SSE_DONE not in tail:
+                    raise UpstreamUnavailableError(f"{self.settings.base_url}: the stream ended before [DONE]")
         except httpx.HTTPError as e:
             raise UpstreamUnavailableError(f"{self.settings.base_url}: {type(e).__name__}: {e}") from e
         finally:
@@ -264,6 +286,8 @@ class RemoteEngine:
     def shutdown(self) -> None:
         """The pooled client is closed by `aclose` on the event loop that used it."""
 
+
+_SSE_DONE = b"data: [DONE]"  # how an OpenAI stream ends
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "tool_calls": FinishReason.STOP,
            "content_filter": FinishReason.STOP}

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from qanat.engine.client import (
     EngineStats,
     ModelCard,
     Prompt,
+    RelayedStream,
     RequestHints,
     TokenPrompt,
 )
@@ -197,11 +198,8 @@ class ModelRouter:
                         replica.succeeded()
                 return
             except _RETRYABLE as e:
-                full = isinstance(e, QueueFullError)
+                full = self._book_failure(replica, e)
                 all_full = all_full and full
-                if not full:
-                    replica.failed(time.monotonic())
-                self.metrics.requests.labels(self.name, replica.name, "full" if full else "failed").inc()
                 if first is not None and not (replica.continuable and prompt_ids is not None):
                     raise  # the client has tokens from an upstream that cannot be continued elsewhere
                 if first is None and not full:
@@ -216,6 +214,81 @@ class ModelRouter:
             finally:
                 replica.view.outstanding -= 1
                 replica.view.outstanding_tokens -= route.max_tokens
+
+    def _book_failure(self, replica: Replica, error: Exception) -> bool:
+        """Count a replica's failure (a full queue is not one); returns whether it was only full."""
+        full = isinstance(error, QueueFullError)
+        if not full:
+            replica.failed(time.monotonic())
+        self.metrics.requests.labels(self.name, replica.name, "full" if full else "failed").inc()
+        return full
+
+    # -- byte relay (plain upstreams) ------------------------------------------------------------------------
+
+    def can_relay(self) -> bool:
+        """Every replica is a plain OpenAI-compatible upstream: its answer can pass through as bytes. Qanat
+        replicas are parsed (a continuation needs the token ids they stream), and so is a model with fallbacks
+        (another model answers under this one's name)."""
+        return not self.fallbacks and all(
+            isinstance(r.engine, RemoteEngine) and not r.engine.is_qanat for r in self.replicas)
+
+    async def relay(self, path: str, body: dict[str, Any], prompt: Prompt, hints: RequestHints) -> RelayedStream:
+        """Choose a replica as `generate` does, retrying failures before the first bytes; then stream its bytes."""
+        entered_s = time.perf_counter()
+        max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+        route = RouteRequest(prompt, max_tokens, hints.session)
+        tried: set[str] = set()
+        failures = 0
+        all_full = True
+        while True:
+            replica = self._choose(route, tried, continuation=False)
+            if replica is None:
+                if tried and all_full:
+                    raise QueueFullError(f"model {self.name}: every replica is at capacity")
+                raise EngineUnavailableError(self._unavailable_message(False))
+            tried.add(replica.name)
+            self.metrics.overhead.labels(self.name).observe(time.perf_counter() - entered_s)
+            engine = replica.engine
+            assert isinstance(engine, RemoteEngine)
+            replica.view.outstanding += 1
+            replica.view.outstanding_tokens += max_tokens
+            started_s = time.perf_counter()
+            chunks = engine.relay(path, body)
+            try:
+                first = await anext(chunks)
+            except BaseException as e:
+                replica.view.outstanding -= 1
+                replica.view.outstanding_tokens -= max_tokens
+                await chunks.aclose()
+                if not isinstance(e, _RETRYABLE):
+                    raise
+                full = self._book_failure(replica, e)
+                all_full = all_full and full
+                if not full:
+                    failures += 1
+                    if failures > self.max_retries:
+                        raise
+                    await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (failures - 1))
+                continue
+            return RelayedStream(replica.name, self._relayed(replica, max_tokens, first, chunks, started_s))
+
+    async def _relayed(self, replica: Replica, max_tokens: int, first: bytes, chunks: AsyncGenerator[bytes, None],
+                       started_s: float) -> AsyncIterator[bytes]:
+        try:
+            yield first
+            async for data in chunks:
+                yield data
+        except _RETRYABLE as e:
+            self._book_failure(replica, e)
+            raise
+        else:
+            self.metrics.requests.labels(self.name, replica.name, "ok").inc()
+            self.metrics.latency.labels(self.name, replica.name).observe(time.perf_counter() - started_s)
+            replica.succeeded()
+        finally:
+            replica.view.outstanding -= 1
+            replica.view.outstanding_tokens -= max_tokens
+            await chunks.aclose()
 
     def _choose(self, route: RouteRequest, tried: set[str], continuation: bool) -> Replica | None:
         now = time.monotonic()
