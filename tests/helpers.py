@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
+
+import uvicorn
 
 from qanat.engine.client import ChatPrompt, Delta, TokenPrompt
 from qanat.engine.local import LocalEngine
@@ -40,3 +46,27 @@ def tokens_of(deltas: list[Delta]) -> list[int]:
 
 def text_of(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(app: Any) -> Iterator[str]:
+    """An ASGI app on a real socket (127.0.0.1, a free port) in a background thread; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

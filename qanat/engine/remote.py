@@ -10,11 +10,13 @@ prompts to token ids (its /tokenize) and streams the ids it samples, so a router
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
 
 from qanat.energy.accounting import EnergyTotals
@@ -76,6 +78,8 @@ class RemoteEngine:
         self._in_flight = 0
         self._energy_j = 0.0
         self._tokens = 0
+        self._aio: aiohttp.ClientSession | None = None  # the byte relay's client (see _relay_session)
+        self._aio_loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self) -> None:
         """Read the upstream's card (context length, whether it is Qanat); raises UpstreamUnavailableError."""
@@ -120,7 +124,7 @@ class RemoteEngine:
                                            json=body) as response:
                 if response.status_code != 200:
                     await response.aread()
-                    raise _status_error(response)
+                    raise _status_error(response.status_code, response.text)
                 async for delta in self._deltas(response, chat, request_id or "", params):
                     yield delta
         except httpx.HTTPError as e:
@@ -135,20 +139,34 @@ class RemoteEngine:
         connection breaks or the stream ends without its `data: [DONE]` (only its tail is looked at)."""
         self._in_flight += 1
         try:
-            async with self._client.stream("POST", path, json={**body, "model": self.settings.model}) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise _status_error(response)
+            async with self._relay_session().post(self.settings.base_url.rstrip("/") + path,
+                                                  json={**body, "model": self.settings.model}) as response:
+                if response.status != 200:
+                    raise _status_error(response.status, await response.text())
                 tail = b""
-                async for data in response.aiter_bytes():
+                async for data in response.content.iter_any():
                     tail = (tail + data)[-32:]
                     yield data
                 if _SSE_DONE not in tail:
                     raise UpstreamUnavailableError(f"{self.settings.base_url}: the stream ended before [DONE]")
-        except httpx.HTTPError as e:
+        except (aiohttp.ClientError, TimeoutError) as e:
             raise UpstreamUnavailableError(f"{self.settings.base_url}: {type(e).__name__}: {e}") from e
         finally:
             self._in_flight -= 1
+
+    def _relay_session(self) -> aiohttp.ClientSession:
+        """The relay's own client: aiohttp's C parser and connection pool cost a fraction of httpx's per request
+        (through the router at concurrency 16, 16 ms -> 5 ms p50 added; httpcore's pool bookkeeping alone was
+        ≈20 % of the router's CPU). One per event loop: a session belongs to the loop that made it."""
+        loop = asyncio.get_running_loop()
+        if self._aio is None or self._aio_loop is not loop:
+            headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+            self._aio = aiohttp.ClientSession(
+                headers=headers, connector=aiohttp.TCPConnector(limit=self.settings.max_connections),
+                timeout=aiohttp.ClientTimeout(sock_connect=self.settings.connect_timeout_s,
+                                              sock_read=self.settings.read_timeout_s))
+            self._aio_loop = loop
+        return self._aio
 
     async def _deltas(self, response: httpx.Response, chat: bool, request_id: str, params: SamplingParams
                       ) -> AsyncIterator[Delta]:
@@ -244,7 +262,7 @@ class RemoteEngine:
         except httpx.HTTPError as e:
             raise UpstreamUnavailableError(f"{self.settings.base_url}: {type(e).__name__}: {e}") from e
         if response.status_code != 200:
-            raise _status_error(response)
+            raise _status_error(response.status_code, response.text)
         return response
 
     async def probe(self, health_url: str) -> bool:
@@ -282,6 +300,8 @@ class RemoteEngine:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._aio is not None and self._aio_loop is asyncio.get_running_loop():
+            await self._aio.close()
 
     def shutdown(self) -> None:
         """The pooled client is closed by `aclose` on the event loop that used it."""
@@ -293,15 +313,15 @@ _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "tool_calls
            "content_filter": FinishReason.STOP}
 
 
-def _status_error(response: httpx.Response) -> Exception:
+def _status_error(status: int, text: str) -> Exception:
     try:
-        body = response.json()
+        body = json.loads(text)
     except ValueError:
-        body = {"error": {"message": response.text[:500], "type": "upstream_error", "param": None, "code": None}}
-    if 400 <= response.status_code < 500:
-        return UpstreamError(response.status_code, body)
+        body = {"error": {"message": text[:500], "type": "upstream_error", "param": None, "code": None}}
+    if 400 <= status < 500:
+        return UpstreamError(status, body)
     message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-    return UpstreamUnavailableError(f"upstream answered {response.status_code}: {message or body}")
+    return UpstreamUnavailableError(f"upstream answered {status}: {message or body}")
 
 
 def _response_format(params: SamplingParams) -> dict[str, Any]:
