@@ -22,7 +22,7 @@ from qanat.planner.step import Deployment
 # bench/planner/published.yaml (all rows where fewer than 10 are held out), as bench/planner_validate.py prints
 # them (docs/planner.md); tests/planner/test_validation.py keeps the two in step.
 ERROR_BANDS: dict[str, tuple[float, float]] = {
-    "output_tps": (0.10, 0.35), "tpot_s": (0.08, 0.36), "ttft_s": (0.09, 0.27), "joules_per_token": (0.29, 0.35),
+    "output_tps": (0.12, 0.40), "tpot_s": (0.08, 0.36), "ttft_s": (0.09, 0.27), "joules_per_token": (0.18, 0.42),
 }
 
 

@@ -15,7 +15,7 @@ from qanat.planner.precision import KV_DTYPE_BYTES, get_precision
 from qanat.planner.predict import Prediction, Workload, min_chips_to_fit, predict
 from qanat.planner.step import Deployment
 
-METRICS = ("output_tps", "tpot_s", "ttft_s", "joules_per_token")
+METRICS = ("output_tps", "tpot_s", "ttft_s", "joules_per_token", "power_w")
 _OFFLINE_CONCURRENCY_PER_SLOT = 4  # "every request queued at once": well past any batch cap
 
 

@@ -24,7 +24,7 @@ def test_every_row_has_a_source_and_a_measurement() -> None:
     assert len({r["id"] for r in rows}) == len(rows)
     for row in rows:
         assert row["source"].startswith("https://"), row["id"]
-        assert set(row["measured"]) <= {"output_tps", "tpot_s", "ttft_s", "joules_per_token"}, row["id"]
+        assert set(row["measured"]) <= {"output_tps", "tpot_s", "ttft_s", "joules_per_token", "power_w"}, row["id"]
 
 
 def test_every_row_is_predicted(results) -> None:  # type: ignore[no-untyped-def]
