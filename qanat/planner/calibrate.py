@@ -25,6 +25,7 @@ from qanat.planner.chips import ChipSpec
 from qanat.planner.efficiency import Efficiency
 from qanat.planner.model import ModelSpec
 from qanat.planner.serving import Engine, Traffic
+from qanat.planner.simulate import simulate_closed_loop
 from qanat.planner.step import Deployment
 
 FITTED = ("mem", "compute", "attention", "step_s", "token_s")
@@ -49,6 +50,22 @@ class Observation:
     output_tps: float
     power_w: float | None  # mean watts over the run, as the target (or a local meter) reported
     label: str = ""
+    cached_tokens: float = 0.0  # mean prompt tokens the server's prefix cache held (not computed)
+    requests: int = 0  # requests the run sent (0: unknown; the prediction is then the analytic steady state)
+    output_jitter: float = 0.0  # output lengths uniform in [1-j, 1+j] x output_tokens
+
+
+def _steady_medians(run: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Median TTFT and TPOT (s) of a closed-loop run without its first wave: the first C requests start together
+    and queue behind each other's prompts (the steady state the planner predicts has arrivals staggered by the
+    requests that end). (None, None) when the run has too few requests to leave its first wave out."""
+    requests = sorted((r for r in run.get("requests") or [] if r.get("ok")), key=lambda r: r["start_s"])
+    steady = requests[int(run["load"]):]
+    if len(steady) < max(4, int(run["load"])):
+        return None, None
+    ttfts = [r["ttft_s"] for r in steady if r.get("ttft_s") is not None]
+    tpots = [r["tpot_s"] for r in steady if r.get("tpot_s")]
+    return (statistics.median(ttfts) if ttfts else None), (statistics.median(tpots) if tpots else None)
 
 
 def observations(result: dict[str, Any]) -> list[Observation]:
@@ -67,11 +84,14 @@ def observations(result: dict[str, Any]) -> list[Observation]:
         power = run.get("power_w")
         if power is None and agg.get("energy_joules") and agg["duration_s"]:
             power = agg["energy_joules"] / agg["duration_s"]
-        tpot = agg.get("median_tpot_ms")
-        ttft = agg.get("median_ttft_ms")
-        obs.append(Observation(int(run["load"]), prompt, output, tpot / 1e3 if tpot else None,
-                               ttft / 1e3 if ttft else None, agg["output_throughput"], power,
-                               str(run.get("phase", ""))))
+        tpot_ms, ttft_ms = agg.get("median_tpot_ms"), agg.get("median_ttft_ms")
+        tpot, ttft = tpot_ms / 1e3 if tpot_ms else None, ttft_ms / 1e3 if ttft_ms else None
+        steady_ttft, steady_tpot = _steady_medians(run)
+        ttft, tpot = steady_ttft or ttft, steady_tpot or tpot
+        cached = (agg.get("total_cached_tokens") or 0) / done
+        obs.append(Observation(int(run["load"]), prompt, output, tpot, ttft, agg["output_throughput"], power,
+                               str(run.get("phase", "")), cached, int(done),
+                               float(workload.get("output_jitter") or 0.0)))
     if not obs:
         raise ValueError("the result has no completed runs")
     return obs
@@ -128,9 +148,17 @@ def predict_run(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Effic
                 ob: Observation) -> tuple[float, float, float]:
     """(TPOT, TTFT, output tokens/s) the model predicts for one observed run."""
     engine = Engine(model, chip, deploy, eff)
-    traffic = Traffic(max(1, round(ob.input_tokens)), max(1, round(ob.output_tokens)))
-    op = engine.closed_loop(ob.concurrency, traffic, eff.max_batch)
+    if ob.requests:  # the run as the benchmark ran it: its clients, requests, output lengths and first wave
+        sim = simulate_closed_loop(engine, _traffic(ob), ob.concurrency, batch_cap=eff.max_batch,
+                                   chunk=eff.chunk_tokens, output_jitter=ob.output_jitter, requests=ob.requests)
+        return sim.tpot_s, sim.ttft_s, sim.output_tps
+    op = engine.closed_loop(ob.concurrency, _traffic(ob), eff.max_batch)
     return op.tpot_s, op.ttft_s, op.output_tps
+
+
+def _traffic(ob: Observation) -> Traffic:
+    prompt = max(1, round(ob.input_tokens))
+    return Traffic(prompt, max(1, round(ob.output_tokens)), min(round(ob.cached_tokens), prompt - 1))
 
 
 @dataclass(frozen=True)
@@ -207,7 +235,7 @@ def _fit_power(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Effici
         if ob.power_w is None:
             continue
         engine = Engine(model, chip, deploy, eff)
-        op = engine.closed_loop(ob.concurrency, Traffic(round(ob.input_tokens), round(ob.output_tokens)), eff.max_batch)
+        op = engine.closed_loop(ob.concurrency, _traffic(ob), eff.max_batch)
         rows.append([1.0, op.step.memory_busy, op.step.compute_busy])
         watts.append(ob.power_w / deploy.chips)
     if len(rows) < 3:

@@ -113,8 +113,9 @@ def plan_one(catalog: Catalog, model: ModelSpec, chip_name: str, args: argparse.
             "fewest that hold weights + one sequence" if chip.sram_is_memory
             else "fewest (power of two) leaving a quarter of memory to the KV cache"),
     }
+    calibrated = eff_label.startswith("calibrated")
     return predict(model, chip, Deployment(tp, precision, kv), eff, workload, sources,
-                   calibrated=eff_label.startswith("calibrated"), error_band=band)
+                   calibrated=calibrated, error_band=band, simulate=calibrated)
 
 
 def _calibrate(catalog: Catalog, args: argparse.Namespace) -> int:

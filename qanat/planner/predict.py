@@ -16,6 +16,7 @@ from qanat.planner.model import ModelSpec
 from qanat.planner.power import power_curve
 from qanat.planner.precision import Precision
 from qanat.planner.serving import Engine, OperatingPoint, Traffic
+from qanat.planner.simulate import simulate_closed_loop
 from qanat.planner.step import Deployment
 
 # Validation error without calibration, |predicted - measured| / measured: (median, p90) over the held-out rows of
@@ -25,6 +26,10 @@ ERROR_BANDS: dict[str, tuple[float, float]] = {
     "output_tps": (0.12, 0.40), "tpot_s": (0.08, 0.36), "ttft_s": (0.09, 0.27), "joules_per_token": (0.18, 0.42),
 }
 
+
+# Output lengths of simulated closed loops vary this much around the mean (as `qanat bench --sweep` sends them): equal
+# lengths make a closed loop run in synchronised waves, a benchmark artefact real traffic does not have.
+SIMULATED_OUTPUT_JITTER = 0.5
 
 # Chip classes with published measurements in that table; the others' defaults are judgment, so no band is claimed.
 VALIDATED_CLASSES = frozenset({"gpu-hbm", "apple-soc", "cpu-edge", "sram-dataflow", "wafer-scale"})
@@ -152,7 +157,10 @@ def latency_curve(engine: Engine, w: Workload, cap: int, chips: int) -> list[dic
 
 def predict(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency, w: Workload,
             sources: dict[str, str], calibrated: bool = False,
-            error_band: dict[str, tuple[float, float]] | None = None) -> Prediction:
+            error_band: dict[str, tuple[float, float]] | None = None, simulate: bool = False) -> Prediction:
+    """`simulate`: a closed loop at a given concurrency is replayed step by step (simulate.py: the engine's
+    batching of prompts, arrivals at step boundaries) instead of the analytic queue model; calibrated predictions
+    use it, since the calibration was fitted with it."""
     context = w.input_tokens + w.output_tokens
     weights, per_seq, usable, cap, cap_reason = _capacity(model, chip, deploy, eff, context, w.output_tokens)
     pred = Prediction(
@@ -178,17 +186,24 @@ def predict(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficienc
         op = engine.closed_loop(concurrency, w.traffic, cap)
     pred.concurrency = op.concurrency
     pred.ttft_s, pred.tpot_s, pred.queue_wait_s, pred.saturated = op.ttft_s, op.tpot_s, op.queue_wait_s, op.saturated
-    pred.output_tps = op.output_tps
-    pred.output_tps_per_user = 1 / op.tpot_s
-    pred.output_tps_per_chip = op.output_tps / deploy.chips
+    tps, tpot = op.output_tps, op.tpot_s
+    if simulate and w.rate is None and w.concurrency is not None:
+        sim = simulate_closed_loop(engine, w.traffic, w.concurrency, batch_cap=cap, chunk=eff.chunk_tokens,
+                                   output_jitter=SIMULATED_OUTPUT_JITTER)
+        pred.ttft_s, tpot, tps = sim.ttft_s, sim.tpot_s, sim.output_tps
+        pred.sources["queue model"] = (f"closed loop replayed step by step ({sim.requests} requests, output "
+                                       f"lengths +/-{SIMULATED_OUTPUT_JITTER:.0%})")
+    pred.output_tps, pred.tpot_s = tps, tpot
+    pred.output_tps_per_user = 1 / tpot
+    pred.output_tps_per_chip = tps / deploy.chips
     pred.regime = (("kv-capacity-bound" if cap_reason == "kv-capacity" else "saturated")
                    if op.saturated else op.step.regime)
     curve = power_curve(chip, eff)
     pred.power_w = curve.at(op.step) * deploy.chips
-    if op.output_tps > 0:
-        pred.joules_per_token = pred.power_w / op.output_tps
+    if tps > 0:
+        pred.joules_per_token = pred.power_w / tps
         if chip.price_per_hour is not None:
-            pred.usd_per_million_tokens = chip.price_per_hour * deploy.chips / 3600 / op.output_tps * 1e6
+            pred.usd_per_million_tokens = chip.price_per_hour * deploy.chips / 3600 / tps * 1e6
     if w.target_rps is not None:
         best = max_concurrency(engine, w, cap) if (w.ttft_slo_s or w.tpot_slo_s) else cap
         if best:
@@ -199,7 +214,7 @@ def predict(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficienc
             pred.notes.append("no concurrency meets the latency targets: no fleet size does")
     if w.fleet_chips is not None:
         pred.fleet_replicas = w.fleet_chips // deploy.chips
-        pred.fleet_output_tps = pred.fleet_replicas * op.output_tps
+        pred.fleet_output_tps = pred.fleet_replicas * tps
         if not pred.fleet_replicas:
             pred.notes.append(f"{w.fleet_chips} chips hold no replica of {deploy.chips}")
     if op.saturated:

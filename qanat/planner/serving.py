@@ -41,6 +41,11 @@ class OperatingPoint:
 class Traffic:
     input_tokens: int
     output_tokens: int
+    cached_tokens: int = 0  # prompt tokens a prefix cache already holds (a shared system prompt): not computed
+
+    @property
+    def computed_tokens(self) -> int:
+        return max(1, self.input_tokens - self.cached_tokens)
 
 
 def closed_queue_wait(n: float, service: float, delay: float) -> float:
@@ -71,15 +76,16 @@ class Engine:
     def step(self, load: StepLoad) -> StepTime:
         return self._steps.time(load)
 
-    def prefill_time(self, prompt: int, decodes: float, context: float) -> tuple[float, float]:
-        """(time until a prompt's last chunk ends, the part of it the prompt adds to the steps it rides in)."""
+    def prefill_time(self, prompt: int, decodes: float, context: float, start: int = 0) -> tuple[float, float]:
+        """(time until a prompt's last chunk ends, the part of it the prompt adds to the steps it rides in), for
+        `prompt` tokens computed after `start` cached ones."""
         chunk = max(1, self.eff.chunk_tokens)
         total = extra = 0.0
         done = 0
         base = self.step(StepLoad(decodes, context)).total_s if decodes else 0.0
         while done < prompt:
             n = min(chunk, prompt - done)
-            t = self.step(StepLoad(decodes, context, n, done + n / 2)).total_s
+            t = self.step(StepLoad(decodes, context, n, start + done + n / 2)).total_s
             total += t
             extra += t - base
             done += n
@@ -90,11 +96,11 @@ class Engine:
         (Little's law), so t = T(t). T is increasing and nearly linear in t: secant steps from T(0). None: the
         engine cannot keep up with that rate (T(t) > t for every t, or the prompt tokens a step must take exceed
         the chunk it may take: the prompt queue would grow without bound)."""
-        p, o = traffic.input_tokens, traffic.output_tokens
-        context = p + o / 2
+        p, o, cached = traffic.computed_tokens, traffic.output_tokens, traffic.input_tokens - traffic.computed_tokens
+        context = traffic.input_tokens + o / 2
 
         def at(t: float) -> StepTime:
-            return self.step(StepLoad(max(rate * (o - 1) * t, 1e-9), context, rate * p * t, p / 2))
+            return self.step(StepLoad(max(rate * (o - 1) * t, 1e-9), context, rate * p * t, cached + p / 2))
 
         t0, s0 = 0.0, at(0.0)
         t1 = s0.total_s
@@ -119,10 +125,10 @@ class Engine:
         step = self._steady_step(rate, traffic)
         if step is None:
             return None
-        p, o = traffic.input_tokens, traffic.output_tokens
+        p, o = traffic.computed_tokens, traffic.output_tokens
         tpot = step.total_s
         decoding = rate * (o - 1) * tpot
-        own, extra = self.prefill_time(p, decoding, p + o / 2)
+        own, extra = self.prefill_time(p, decoding, traffic.input_tokens + o / 2, traffic.input_tokens - p)
         rho = rate * extra
         if rho >= 1:
             return None

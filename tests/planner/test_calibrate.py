@@ -29,7 +29,9 @@ from qanat.planner.gguf import model_from_gguf
 from qanat.planner.model import ModelSpec
 from qanat.planner.power import power_curve
 from qanat.planner.precision import gguf_precision
+from qanat.planner.predict import SIMULATED_OUTPUT_JITTER
 from qanat.planner.serving import Engine, Traffic
+from qanat.planner.simulate import simulate_closed_loop
 from qanat.planner.step import Deployment
 
 # A fixed stand-in for this-machine, so the test does not depend on the host it runs on.
@@ -52,7 +54,8 @@ def synthetic_result(model: ModelSpec, deploy: Deployment, truth: dict[str, floa
     curve = power_curve(HOST, eff)
     runs = []
     for point in sweep_points((1, 4, 16), 512, 32):
-        ob = Observation(point.concurrency, point.input_tokens, point.output_tokens, None, None, 0.0, None)
+        ob = Observation(point.concurrency, point.input_tokens, point.output_tokens, None, None, 0.0, None,
+                         requests=point.num_requests)
         tpot, ttft, tps = predict_run(model, HOST, deploy, eff, ob)
         step = Engine(model, HOST, deploy, eff).closed_loop(point.concurrency, Traffic(point.input_tokens,
                                                             point.output_tokens), eff.max_batch).step
@@ -123,12 +126,20 @@ def test_profile_round_trip_and_plan_says_calibrated(tmp_path: Path, monkeypatch
     assert plan["sources"]["efficiency"].startswith("calibrated:qanat profile")
     assert set(plan["error_band"]) >= {"tpot_s", "ttft_s"}
     assert plan["error_band"]["tpot_s"]["median"] < 0.01  # the band is the fit's own residual now
-    # The calibrated prediction reproduces a synthetic run it was fitted on.
+    # The calibrated prediction is the true factors' closed loop, replayed step by step as plan does (output
+    # lengths +/-50 %, first wave left out).
     synth = next(r for r in synthetic_result(model, deploy, TRUE)["runs"] if r["load"] == 16)
+    prompt = synth["workload"]["input_tokens"]
     assert main(["plan", "--chip", "test-host", "--catalog", str(catalog), "--concurrency", "16", "--input-tokens",
-                 str(synth["workload"]["input_tokens"]), "--output-tokens", "32", "--json"]) == 0
+                 str(prompt), "--output-tokens", "32", "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["tpot_s"] * 1e3 == pytest.approx(synth["aggregate"]["median_tpot_ms"], rel=0.02)
+    assert "replayed step by step" in again["sources"]["queue model"]
+    truth = replace(default_efficiency("cpu-host")[0], layer_s=0.0, **TRUE, **TRUE_POWER)  # type: ignore[arg-type]
+    expected = simulate_closed_loop(Engine(model, HOST, deploy, truth), Traffic(prompt, 32), 16,
+                                    batch_cap=truth.max_batch, chunk=truth.chunk_tokens,
+                                    output_jitter=SIMULATED_OUTPUT_JITTER)
+    assert again["tpot_s"] == pytest.approx(expected.tpot_s, rel=0.02)
+    assert again["ttft_s"] == pytest.approx(expected.ttft_s, rel=0.03)
     assert main(["plan", "--chip", "test-host", "--catalog", str(catalog), "--no-profile", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sources"]["efficiency"] == "default:cpu-host/llama.cpp"
 

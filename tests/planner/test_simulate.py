@@ -1,0 +1,100 @@
+"""The step-by-step closed loop: the no-load limit equals the step model, prompts batch into one step, arrivals
+at a step boundary wait for the step in flight, the first wave is left out, cached prefixes are not computed; and
+calibration reads steady-state medians and cached tokens from a bench result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from qanat.planner.calibrate import observations
+from qanat.planner.chips import ChipSpec
+from qanat.planner.efficiency import default_efficiency
+from qanat.planner.model import ModelSpec
+from qanat.planner.precision import get_precision
+from qanat.planner.serving import Engine, Traffic
+from qanat.planner.simulate import simulate_closed_loop
+from qanat.planner.step import Deployment, StepLoad
+
+HOST = ChipSpec("test-host", "cpu-host", {"fp32": 300e9, "bf16": 300e9, "int8": 1.2e12}, 16e9, 20e9, 40.0, idle_w=5.0)
+MODEL = ModelSpec(name="tiny", n_layers=4, d_model=256, n_heads=4, n_kv_heads=4, d_ff=1024, vocab=1000)
+
+
+def _engine() -> Engine:
+    eff, _ = default_efficiency("cpu-host")
+    return Engine(MODEL, HOST, Deployment(1, get_precision("bf16"), 2.0), eff)
+
+
+def test_one_client_sees_its_prefill_then_decode_steps() -> None:
+    engine = _engine()
+    sim = simulate_closed_loop(engine, Traffic(100, 10), 1, batch_cap=16, chunk=512, requests=8)
+    prefill = engine.step(StepLoad(0, 0, 100, 50)).total_s
+    assert sim.ttft_s == pytest.approx(prefill)  # an idle engine starts the prompt as it arrives
+    decode = [engine.step(StepLoad(1, 100 + k)).total_s for k in range(1, 10)]
+    assert sim.tpot_s == pytest.approx(sum(decode) / len(decode))
+    assert sim.requests == 7  # the first wave (one request) is left out
+
+
+def test_prompts_arriving_together_share_a_step() -> None:
+    engine = _engine()
+    # Four clients start together: their 4 x 100 prompt tokens fit one 512-token step, so all four first tokens
+    # come with that step, not one after another as a serial queue would give them.
+    sim = simulate_closed_loop(engine, Traffic(100, 1), 4, batch_cap=16, chunk=512, requests=4)
+    together = engine.step(StepLoad(0, 0, 400, 50)).total_s
+    assert sim.ttft_s == pytest.approx(together)
+    assert sim.ttft_s < 4 * engine.step(StepLoad(0, 0, 100, 50)).total_s
+
+
+def test_a_request_arriving_at_a_step_boundary_waits_for_the_step_in_flight() -> None:
+    engine = _engine()
+    traffic = Traffic(100, 20)
+    busy = simulate_closed_loop(engine, traffic, 4, batch_cap=16, chunk=512, output_jitter=0.5, requests=64)
+    prefill_alone = engine.step(StepLoad(3, 110, 100, 50)).total_s
+    decode_step = engine.step(StepLoad(3, 110)).total_s
+    assert busy.ttft_s >= prefill_alone + 0.5 * decode_step
+    instant = simulate_closed_loop(engine, traffic, 4, batch_cap=16, chunk=512, output_jitter=0.5, requests=64,
+                                   turnaround_s=0.0)  # arrives as the step ends: admitted to the next one
+    assert instant.ttft_s < busy.ttft_s
+
+
+def test_cached_prefix_is_not_computed() -> None:
+    engine = _engine()
+    cold = simulate_closed_loop(engine, Traffic(400, 8), 2, batch_cap=16, chunk=512, requests=16)
+    warm = simulate_closed_loop(engine, Traffic(400, 8, cached_tokens=300), 2, batch_cap=16, chunk=512,
+                                requests=16)
+    assert warm.ttft_s < 0.5 * cold.ttft_s
+    assert warm.output_tps > cold.output_tps
+
+
+def test_engine_batch_cap_holds_requests_back() -> None:
+    engine = _engine()
+    capped = simulate_closed_loop(engine, Traffic(50, 20), 8, batch_cap=2, chunk=512, requests=64)
+    free = simulate_closed_loop(engine, Traffic(50, 20), 8, batch_cap=16, chunk=512, requests=64)
+    assert capped.ttft_s > 3 * free.ttft_s  # waiting for a slot
+    assert capped.tpot_s < free.tpot_s  # but two sequences step faster than eight
+
+
+def _run(load: int, ttfts: list[float], cached: int) -> dict[str, Any]:
+    requests = [{"ok": True, "start_s": i * 0.01 if i < load else 1.0 + i, "ttft_s": t, "tpot_s": 0.05 + i * 1e-4}
+                for i, t in enumerate(ttfts)]
+    n = len(ttfts)
+    return {"load": load, "phase": "decode", "workload": {"input_tokens": 64, "output_tokens": 16,
+                                                         "output_jitter": 0.5},
+            "aggregate": {"completed": n, "duration_s": 10.0, "total_input_tokens": 64 * n,
+                          "total_output_tokens": 16 * n, "total_cached_tokens": cached * n,
+                          "median_ttft_ms": 1e3 * sorted(ttfts)[n // 2], "median_tpot_ms": 60.0,
+                          "output_throughput": 25.0},
+            "requests": requests}
+
+
+def test_observations_leave_the_first_wave_out_and_read_cached_tokens() -> None:
+    first_wave, steady = [5.0, 6.0, 7.0, 8.0], [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    result = {"config": {"mode": "closed", "workload": {}}, "runs": [_run(4, first_wave + steady, 26)]}
+    (ob,) = observations(result)
+    assert ob.ttft_s == pytest.approx(0.55)  # the steady requests' median, not the run's (which the wave lifts)
+    assert ob.tpot_s == pytest.approx(0.05 + 7.5e-4)
+    assert ob.cached_tokens == 26 and ob.requests == 12 and ob.output_jitter == 0.5
+    few = {"config": {"mode": "closed", "workload": {}}, "runs": [_run(4, first_wave + steady[:2], 0)]}
+    (ob,) = observations(few)
+    assert ob.ttft_s == pytest.approx(sorted(first_wave + steady[:2])[3])  # too few to split: the run's median
