@@ -2,7 +2,10 @@
 
     .venv/bin/python bench/planner_calibration_check.py RESULT.json [--chip this-machine --threads 2 --engine qanat]
 
-Prints one row per run (measured vs predicted TPOT, TTFT, output tok/s) and the median |error| per metric.
+Prints one row per run (measured vs predicted TPOT, TTFT, output tok/s) and the median |error| per metric. The
+measured TTFT and TPOT are medians over the requests after each run's first wave (its first C requests start
+together and queue behind each other's prompts; the planner predicts the steady state after it); --all-requests
+takes every request, as the benchmark's summary does.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ def main() -> None:
     parser.add_argument("--chip", default="this-machine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engine", default="qanat")
+    parser.add_argument("--all-requests", action="store_true",
+                        help="measured medians over every request, the first wave (C requests started together) "
+                             "included, as the benchmark's summary reports them; default: the requests after it")
     args = parser.parse_args()
     model = model_from_gguf(default_model_path())
     assert model.gguf is not None
@@ -45,7 +51,7 @@ def main() -> None:
     print("| run | concurrency | prompt / output tokens | TPOT ms meas / pred | TTFT ms meas / pred "
           "| tok/s meas / pred |")
     print("|---|---|---|---|---|---|")
-    for i, ob in enumerate(observations(load_result(args.result))):
+    for i, ob in enumerate(observations(load_result(args.result), steady=not args.all_requests)):
         tpot, ttft, tps = predict_run(model, chip, deploy, eff, ob)
         pairs = (("tpot_s", tpot, ob.tpot_s), ("ttft_s", ttft, ob.ttft_s), ("output_tps", tps, ob.output_tps))
         for key, pred, meas in pairs:

@@ -3,7 +3,7 @@ as a profile keyed by (chip, engine, precision) that later predictions use (and 
 
 The fit minimises a robust (soft-L1) loss on the log errors of the predicted median TPOT and TTFT of every
 unsaturated run (a run slowed by other work on a shared host should not drag the factors), with the
-same step and queue model `qanat plan` predicts with, over five factors: bandwidth, compute and attention
+same step and queue model `qanat plan` predicts with, over six factors: bandwidth, compute, prefill and decode attention
 efficiency, a fixed time per step (per-layer and per-step costs are one constant for a fixed model) and a fixed
 time per decoded sequence (logits, sampling: what batching a decode does not amortise). Power, when the result
 carries energy, is a linear least-squares fit of watts on the step's memory and compute busy fractions.
@@ -28,12 +28,13 @@ from qanat.planner.serving import Engine, Traffic
 from qanat.planner.simulate import simulate_closed_loop
 from qanat.planner.step import Deployment
 
-FITTED = ("mem", "compute", "attention", "step_s", "token_s")
+FITTED = ("mem", "compute", "attention", "decode_attention", "step_s", "token_s")
 ROBUST_SCALE = 0.25  # log-error where the loss turns from quadratic to linear: runs hit by other load weigh less
 MIN_TPOT_TOKENS = 8  # a TPOT over fewer output tokens (the prefill runs') is a few gaps of noise: not fitted
 # A second start for the search: a host far from its datasheet (slow, overhead-heavy), where fits of
 # contended CPUs land; the better of the two fits is kept.
-_SLOW_START = {"mem": 0.3, "compute": 0.05, "attention": 0.05, "step_s": 0.05, "token_s": 0.01}
+_SLOW_START = {"mem": 0.3, "compute": 0.05, "attention": 0.05, "decode_attention": 0.01, "step_s": 0.05,
+               "token_s": 0.01}
 # Every factor is searched through its logarithm: positive, unbounded. Efficiencies above 1 are legitimate where the
 # chip's reference figure is a floor (this-machine's bandwidth probe is one thread; a small model may sit in cache).
 
@@ -68,8 +69,10 @@ def _steady_medians(run: dict[str, Any]) -> tuple[float | None, float | None]:
     return (statistics.median(ttfts) if ttfts else None), (statistics.median(tpots) if tpots else None)
 
 
-def observations(result: dict[str, Any]) -> list[Observation]:
-    """Closed-loop runs of a schema-1 result; per-run workloads (`--sweep`) override the global one."""
+def observations(result: dict[str, Any], steady: bool = True) -> list[Observation]:
+    """Closed-loop runs of a schema-1 result; per-run workloads (`--sweep`) override the global one. `steady`:
+    TTFT and TPOT are the medians of the requests after the first wave (False: of every request, as the
+    benchmark's summary reports them)."""
     if result["config"]["mode"] != "closed":
         raise ValueError("calibration needs closed-loop runs (--concurrency or --sweep)")
     obs = []
@@ -86,7 +89,7 @@ def observations(result: dict[str, Any]) -> list[Observation]:
             power = agg["energy_joules"] / agg["duration_s"]
         tpot_ms, ttft_ms = agg.get("median_tpot_ms"), agg.get("median_ttft_ms")
         tpot, ttft = tpot_ms / 1e3 if tpot_ms else None, ttft_ms / 1e3 if ttft_ms else None
-        steady_ttft, steady_tpot = _steady_medians(run)
+        steady_ttft, steady_tpot = _steady_medians(run) if steady else (None, None)
         ttft, tpot = steady_ttft or ttft, steady_tpot or tpot
         cached = (agg.get("total_cached_tokens") or 0) / done
         obs.append(Observation(int(run["load"]), prompt, output, tpot, ttft, agg["output_throughput"], power,
@@ -205,7 +208,8 @@ def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, 
         return total
 
     results = []
-    for start in ({name: getattr(base, name) for name in FITTED}, _SLOW_START):
+    first = {name: getattr(base, name) for name in FITTED} | {"decode_attention": base.decode_attention_eff}
+    for start in (first, _SLOW_START):
         best = [_to_search(name, start[name]) for name in FITTED]
         value = loss(best)
         for step in (1.0, 0.5, 0.25, 0.1, 0.05):  # restarts: Nelder-Mead stalls in narrow valleys

@@ -39,6 +39,13 @@ class Efficiency:
     kv_reserve: str = "max"  # KV held per running sequence: "max" (prompt + all output) or "mean" (+ half the output)
     token_s: float = 0.0  # fixed seconds per decoded sequence per step (logits, sampling, host bookkeeping)
     power_floor: float = 0.0  # share of (TDP - idle) drawn whenever the chip serves, even while it waits on the host
+    # Fraction of peak FLOPS in decode attention (one query per sequence against its cache: vector work, far
+    # below the batched prefill kernels on CPUs); 0: the same as `attention`.
+    decode_attention: float = 0.0
+
+    @property
+    def decode_attention_eff(self) -> float:
+        return self.decode_attention or self.attention
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -91,6 +91,7 @@ class StepModel:
         attn_flops, _ = chip.flops("bf16" if precision.compute in ("int8", "fp4") else precision.compute)
         self.linear_rate = flops * eff.compute * tp
         self.attention_rate = attn_flops * eff.attention * tp
+        self.decode_attention_rate = attn_flops * eff.decode_attention_eff * tp
         self.linear_flops = model.linear_flops_per_token
         self.prefill_flops = model.prefill_flops_per_token
         self.overhead = eff.step_s + eff.layer_s * model.n_layers
@@ -110,7 +111,8 @@ class StepModel:
         weights_compute = flops / self.linear_rate
         kv_mem = load.decode_seqs * model.kv_bytes(self.kv_elem_bytes, load.decode_context) / self.bandwidth
         # Decode attention streams the cache (counted in kv_mem); its FLOPs only matter when they exceed that time.
-        decode_attn = load.decode_seqs * model.attention_flops_per_token(load.decode_context) / self.attention_rate
+        decode_attn = (load.decode_seqs * model.attention_flops_per_token(load.decode_context)
+                       / self.decode_attention_rate)
         prefill_attn = (load.prefill_tokens * model.attention_flops_per_token(load.prefill_context)
                         / self.attention_rate if load.prefill_tokens else 0.0)
         attention = prefill_attn + max(0.0, decode_attn - kv_mem)

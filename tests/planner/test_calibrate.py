@@ -36,7 +36,7 @@ from qanat.planner.step import Deployment
 
 # A fixed stand-in for this-machine, so the test does not depend on the host it runs on.
 HOST = ChipSpec("test-host", "cpu-host", {"fp32": 300e9, "bf16": 300e9, "int8": 1.2e12}, 16e9, 20e9, 40.0, idle_w=5.0)
-TRUE = {"mem": 0.42, "compute": 0.21, "attention": 0.09, "step_s": 0.012, "token_s": 0.004}
+TRUE = {"mem": 0.42, "compute": 0.21, "attention": 0.09, "decode_attention": 0.01, "step_s": 0.012, "token_s": 0.004}
 TRUE_POWER = {"idle_w": 6.0, "power_mem": 0.35, "power_compute": 0.55}
 
 
@@ -91,6 +91,7 @@ def test_fit_recovers_known_factors(fitted: Fit) -> None:
     assert e.step_s == pytest.approx(TRUE["step_s"], rel=0.03)
     assert e.token_s == pytest.approx(TRUE["token_s"], rel=0.03)
     assert e.attention == pytest.approx(TRUE["attention"], rel=0.05)
+    assert e.decode_attention == pytest.approx(TRUE["decode_attention"], rel=0.05)
     assert e.idle_w == pytest.approx(TRUE_POWER["idle_w"], rel=0.05)
     assert e.power_mem == pytest.approx(TRUE_POWER["power_mem"], rel=0.05)
     assert e.power_compute == pytest.approx(TRUE_POWER["power_compute"], rel=0.05)

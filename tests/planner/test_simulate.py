@@ -4,6 +4,7 @@ calibration reads steady-state medians and cached tokens from a bench result."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -95,6 +96,24 @@ def test_observations_leave_the_first_wave_out_and_read_cached_tokens() -> None:
     assert ob.ttft_s == pytest.approx(0.55)  # the steady requests' median, not the run's (which the wave lifts)
     assert ob.tpot_s == pytest.approx(0.05 + 7.5e-4)
     assert ob.cached_tokens == 26 and ob.requests == 12 and ob.output_jitter == 0.5
+    (whole,) = observations(result, steady=False)  # the benchmark's own summary: the wave included
+    assert whole.ttft_s == pytest.approx(sorted(first_wave + steady)[6])
     few = {"config": {"mode": "closed", "workload": {}}, "runs": [_run(4, first_wave + steady[:2], 0)]}
     (ob,) = observations(few)
     assert ob.ttft_s == pytest.approx(sorted(first_wave + steady[:2])[3])  # too few to split: the run's median
+
+
+def test_decode_attention_has_its_own_efficiency() -> None:
+    # One query per sequence against its cache runs far below the batched prefill kernels on a CPU: a slower
+    # decode attention lengthens decode steps at long contexts, and leaves prefill steps as they were.
+    eff, _ = default_efficiency("cpu-host")
+    slow = replace(eff, decode_attention=eff.attention / 50)
+    deploy = Deployment(1, get_precision("bf16"), 2.0)
+    fast_engine, slow_engine = Engine(MODEL, HOST, deploy, eff), Engine(MODEL, HOST, deploy, slow)
+    assert eff.decode_attention_eff == eff.attention
+    prefill = StepLoad(0, 0, 300, 150)
+    assert slow_engine.step(prefill).total_s == fast_engine.step(prefill).total_s
+    short, long_ = StepLoad(8, 50), StepLoad(8, 2000)
+    growth_fast = fast_engine.step(long_).total_s - fast_engine.step(short).total_s
+    growth_slow = slow_engine.step(long_).total_s - slow_engine.step(short).total_s
+    assert growth_slow > 5 * growth_fast
