@@ -142,7 +142,8 @@ def _calibrate(catalog: Catalog, args: argparse.Namespace) -> int:
     e = fitted.efficiency
     print(f"calibrated {chip.name} / {engine} / {precision.name} from {fitted.used_runs} runs of {args.calibrate} "
           f"(start: {label})")
-    print(f"  bandwidth efficiency {e.mem:.3f}, compute {e.compute:.3f}, attention {e.attention:.3f}, "
+    print(f"  bandwidth efficiency {e.mem:.3f}, compute {e.compute:.3f}, attention {e.attention:.3g} "
+          f"(decode {e.decode_attention_eff:.3g}), "
           f"fixed per step {e.step_s * 1e3:.2f} ms, per decoded sequence {e.token_s * 1e3:.2f} ms")
     if e.idle_w is not None:
         print(f"  power: idle {e.idle_w:.1f} W, memory share {e.power_mem:.3f}, compute share {e.power_compute:.3f}")
