@@ -247,8 +247,9 @@ def _fit_power(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Effici
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(watts), rcond=None)
     idle = max(0.0, float(coef[0]))
     span = max(chip.tdp_w - idle, 1e-9)
+    # The intercept is the measured draw with nothing busy: it replaces idle and the class's serving floor both.
     return replace(eff, idle_w=idle, power_mem=max(0.0, float(coef[1])) / span,
-                   power_compute=max(0.0, float(coef[2])) / span)
+                   power_compute=max(0.0, float(coef[2])) / span, power_floor=0.0)
 
 
 # ---- profiles ---------------------------------------------------------------------------------------------

@@ -95,6 +95,7 @@ def test_fit_recovers_known_factors(fitted: Fit) -> None:
     assert e.idle_w == pytest.approx(TRUE_POWER["idle_w"], rel=0.05)
     assert e.power_mem == pytest.approx(TRUE_POWER["power_mem"], rel=0.05)
     assert e.power_compute == pytest.approx(TRUE_POWER["power_compute"], rel=0.05)
+    assert e.power_floor == 0.0  # the fitted intercept is the whole floor
     assert fitted.residuals["tpot_s"]["median"] < 0.01
     assert fitted.used_runs == len(result["runs"])
 
