@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qanat.engine.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestFailedError
 from qanat.engine.remote import UpstreamError
+from qanat.guard.rails import ContentFilterError
 from qanat.models.chat_template import ChatTemplateError
 
 log = logging.getLogger("qanat.server")
@@ -51,6 +52,8 @@ def describe(exc: BaseException) -> ApiError:
             error: dict[str, Any] = raw if isinstance(raw, dict) else {}
             return ApiError(exc.status, str(error.get("message") or exc), str(error.get("type") or "upstream_error"),
                             error.get("param"), error.get("code"))
+        case ContentFilterError():
+            return ApiError(400, str(exc), "invalid_request_error", exc.param, "content_filter")
         case InvalidRequestError():
             return ApiError(400, str(exc), "invalid_request_error", exc.param)
         case ChatTemplateError():

@@ -1,8 +1,11 @@
 """A request's path through the serving layer, the same for every endpoint:
 
-    validate -> tools -> render -> admit -> generate -> format
+    validate -> guard (input) -> tools -> render -> admit -> generate -> guard (output) -> format
 
 `validate` turns the body into SamplingParams and prompts (pydantic did the types; LIMITS the ranges);
+`guard` (qanat/guard/) runs the input rails on every message and text prompt before anything is rendered: a
+block is a 400 with code "content_filter" and the engine never sees the request; the output rails sit between
+the engine's deltas and the choices, holding back only what a match could still grow into;
 `tools` (tools.py) checks tools and tool messages, writes them into the prompt and, when a call is forced,
 constrains the output with a grammar; its parser later splits each choice's output into text and tool calls;
 `render` applies the chat template and tokenizes, off the event loop (EngineClient.render); `admit` finds the
@@ -19,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -27,9 +30,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
-from qanat.engine.client import Delta, EngineClient, Prompt, RequestHints
+from qanat.engine.client import ChatPrompt, Delta, EngineClient, Prompt, RequestHints, TextPrompt
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.sampling import SamplingParams
+from qanat.guard.rails import Guard, OutputRail
 from qanat.serving.errors import ClientDisconnectedError, ModelNotFoundError, error_body
 from qanat.serving.formats import Choice, ChoiceDelta, Extras, ResponseFormat
 from qanat.serving.metrics import ServerMetrics
@@ -49,6 +53,12 @@ async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
     with _prompt_param(fmt):
         engine = admit_model(state, body.model)
         params, prompts = body.sampling_params(), body.prompts()
+        prompts = await guard_input(state.guard, prompts, fmt.prompt_param)
+        if state.guard is not None and state.guard.output_acts and (params.logprobs is not None
+                                                                     or body.return_token_ids):
+            # Log-probabilities and token ids would carry the very text the output rails redact or block.
+            raise InvalidRequestError("logprobs and return_token_ids are not available while the output "
+                                      "guardrails redact or block", param="logprobs")
         tools = plan_tools(body, engine.card)
         if tools is not None:
             params, prompts = tools.apply(params, prompts)
@@ -89,6 +99,41 @@ def admit_model(state: AppState, model: str) -> EngineClient:
         served = ", ".join(f"'{name}'" for name in state.models.names)
         raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves {served}")
     return engine
+
+
+_GUARD_INLINE_CHARS = 16_384  # longer prompts are scanned in a worker thread (about 1 ms per KB)
+
+
+async def guard_input(guard: Guard | None, prompts: list[Prompt], param: str) -> list[Prompt]:
+    """Input rails on every message of a chat and on text prompts (token prompts carry no text to check):
+    the prompts the engine may see, redacted where the policy says so, or ContentFilterError."""
+    if guard is None:
+        return prompts
+    if sum(_text_size(p) for p in prompts) > _GUARD_INLINE_CHARS:
+        return await asyncio.to_thread(_guard_prompts, guard, prompts, param)
+    return _guard_prompts(guard, prompts, param)
+
+
+def _text_size(prompt: Prompt) -> int:
+    if isinstance(prompt, TextPrompt):
+        return len(prompt.text)
+    if isinstance(prompt, ChatPrompt):
+        return sum(len(m["content"]) for m in prompt.messages if isinstance(m.get("content"), str))
+    return 0
+
+
+def _guard_prompts(guard: Guard, prompts: list[Prompt], param: str) -> list[Prompt]:
+    guarded: list[Prompt] = []
+    for prompt in prompts:
+        if isinstance(prompt, ChatPrompt):
+            messages = tuple({**m, "content": guard.check_input(m["content"], param)}
+                             if isinstance(m.get("content"), str) and m["content"] else m for m in prompt.messages)
+            guarded.append(replace(prompt, messages=messages))
+        elif isinstance(prompt, TextPrompt):
+            guarded.append(TextPrompt(guard.check_input(prompt.text, param)))
+        else:
+            guarded.append(prompt)
+    return guarded
 
 
 async def render(engine: EngineClient, prompts: list[Prompt]) -> list[Prompt]:
@@ -151,6 +196,9 @@ class Generation:
         self.n = n
         self.state = state
         self.choices = [Choice(tools=tools.parser() if tools is not None else None) for _ in jobs]
+        guard = state.guard
+        self.rails: list[OutputRail] | None = [guard.output_rail() for _ in jobs] \
+            if guard is not None and guard.output_acts else None
         self.timing = _Timing(state.metrics)
         self._events = _interleave(engine, jobs, hints)
         self._first: tuple[int, Delta] | None = None
@@ -171,14 +219,32 @@ class Generation:
         assert self._first is not None, "start() first"
         index, delta = self._first
         while True:
-            update = self.choices[index].add(delta)
-            self.timing.token(index, len(delta.token_ids))
-            yield index, update
+            choice = self.choices[index]
+            if not choice.filtered:  # a blocked choice's later deltas are dropped
+                if self.rails is not None:
+                    delta = self._guard_output(index, delta)
+                update = choice.add(delta)
+                self.timing.token(index, len(delta.token_ids))
+                yield index, update
+            if any(c.filtered for c in self.choices) and all(
+                    c.filtered or (c.last is not None and c.last.finish_reason is not None) for c in self.choices):
+                await self._events.aclose()  # the engine stops generating what nobody will see
+                break
             try:
                 index, delta = await anext(self._events)
             except StopAsyncIteration:
                 break
         self.timing.done(self.choices, self.n)
+
+    def _guard_output(self, index: int, delta: Delta) -> Delta:
+        assert self.rails is not None
+        rail = self.rails[index]
+        text = rail.feed(delta.text)
+        if delta.finish_reason is not None:
+            text += rail.finish()
+        if rail.blocked is not None:
+            self.choices[index].filtered = True
+        return replace(delta, text=text)
 
     async def collect(self) -> list[Choice]:
         async def drain() -> None:
@@ -207,7 +273,7 @@ class Generation:
 
 
 async def _interleave(engine: EngineClient, jobs: list[Job], hints: RequestHints | None
-                      ) -> AsyncIterator[tuple[int, Delta]]:
+                      ) -> AsyncGenerator[tuple[int, Delta], None]:
     """Deltas of every choice, interleaved as they come: (choice index, delta)."""
     if len(jobs) == 1:
         async for delta in engine.generate(*jobs[0], hints=hints):
