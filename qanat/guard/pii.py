@@ -170,7 +170,7 @@ def find_national_ids(norm: Normalized, context: str = "") -> list[Span]:
 # -- IP addresses ----------------------------------------------------------------------------------------
 _IPV4 = re.compile(r"(?=\d)(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?=[0-9a-f:])(?<![\w:])(?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4}(?![\w:])")
-_VERSION_BEFORE = re.compile(r"(?:\bv|version|versao|ver\.?|release|الاصدار|الإصدار) ?$")
+_VERSION_BEFORE = re.compile(r"(?:\b(?:v|version|versao|ver\.?|release)|الاصدار|الإصدار) ?$")
 
 
 def find_ips(norm: Normalized) -> list[Span]:

@@ -180,20 +180,25 @@ class OutputRail:
         if hold <= 0 and self.pending:
             return ""
         start = time.perf_counter()
-        result = self.guard.scanner.scan(self.pending, self.guard.output_categories, context=self.context)
-        decision = self.guard.decide(result, "output")  # only its block matters here: spans are released below
+        # The end of what was sent goes in front: context words ("CIN:") and phrases that began there
+        # ("pipe " sent, "bomb" now) count. Spans wholly inside it were dealt with when it was released.
+        offset = len(self.context)
+        result = self.guard.scanner.scan(self.context + self.pending, self.guard.output_categories)
+        spans = [s.shifted(max(s.start, offset) - offset, s.end - offset) for s in result.spans if s.end > offset]
         cut = hold
-        for span in result.spans:  # a match that reaches into the held part is not finished: keep it whole
+        for span in spans:  # a match that reaches into the held part is not finished: keep it whole
             if span.start < hold < span.end:
                 cut = min(cut, span.start)
-        if decision.blocked is not None and decision.blocked_at is not None:
-            self.blocked = decision.blocked
-            cut = decision.blocked_at
-        released = [s for s in result.spans if s.end <= cut and result.flagged(s.category)]
-        out = redact(self.pending[:cut], [s for s in released if self.guard.policy.action("output", s.category)
-                                           == "redact"])
+        for span in spans:
+            if self.guard.policy.action("output", span.category) == "block" and result.flagged(span.category):
+                self.blocked = span.category
+                cut = min(cut, span.start)
+                break
+        released = [s for s in spans if s.end <= cut and result.flagged(s.category)]
+        policy = self.guard.policy
+        out = redact(self.pending[:cut], [s for s in released if policy.action("output", s.category) == "redact"])
         self.guard.recorder.guardrail_seconds("output", time.perf_counter() - start)
-        actions = [(s.category, self.guard.policy.action("output", s.category)) for s in released]
+        actions = [(s.category, policy.action("output", s.category)) for s in released]
         if self.blocked is not None:
             actions.append((self.blocked, "block"))
         self.guard._record("output", Decision(out, self.blocked, cut, _dedupe([a for a in actions if a[1] != "off"])))
