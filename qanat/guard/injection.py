@@ -35,12 +35,14 @@ _RULES_ARABIZI = r"(?:les? instructions?|l'?instructions?|instructions?|t3limat|
 _PATTERNS: list[tuple[str, str, float, str]] = [
     # -- English
     ("en", "ignore_previous", 0.95,
-     rf"\b(?:ignore|disregard|forget|skip|override|bypass|drop|discard|abandon|don't follow|do not follow|stop following)"
+     rf"\b(?:ignore|disregard|forget|skip|override|bypass|drop|discard|abandon|don't follow|do not follow|"
+     rf"stop following)"
      rf"\b(?: (?:all|any|every|each|the|your|my|of|these|those|this|that|prior|ga3|kolchi))*"
      rf" (?:{_QUAL_EN} )?{_RULES_EN}\b"),
     ("en", "forget_everything", 0.9,
      r"\b(?:ignore|forget|disregard) (?:everything|all|anything|whatever) (?:you (?:were|have been|'ve been) "
-     r"(?:told|given|taught)|(?:written |said )?(?:above|before|earlier|so far|previously)|i (?:said|told you) before)"),
+     r"(?:told|given|taught)|(?:written |said )?(?:above|before|earlier|so far|previously)|"
+     r"i (?:said|told you) before)"),
     ("en", "you_are_now", 0.9,
      r"\byou(?: are|'re) (?:now |no longer |from now on )*(?:dan|an? (?:unrestricted|unfiltered|uncensored|jailbroken|"
      r"evil|rogue)\b|jailbroken|free (?:from|of)|unrestricted|unfiltered|uncensored|not bound|no longer bound|"
@@ -52,7 +54,8 @@ _PATTERNS: list[tuple[str, str, float, str]] = [
      r"(?:in|into|to) (?:developer|god|jailbreak|dan|unrestricted|unfiltered|evil) mode\b"),
     ("en", "no_restrictions_roleplay", 0.9,
      r"\b(?:pretend|imagine|act as|act like|roleplay|role-play|play the role|behave|from now on|you will be|"
-     r"simulate|become)\b[^.?!]{0,80}\b(?:no|without|free of|free from|zero|none of (?:the|your)|ignor\w*) (?:any |all )?"
+     r"simulate|become)\b[^.?!]{0,80}\b(?:no|without|free of|free from|zero|none of (?:the|your)|ignor\w*) "
+     r"(?:any |all )?"
      r"(?:restrictions|rules|limits|limitations|filters|guidelines|censorship|ethics|morals|boundaries|safety)\b"),
     ("en", "you_have_no_rules", 0.85,
      r"\byou (?:have|has|'ve got) no (?:restrictions|rules|limits|limitations|filters|guidelines|censorship|"
@@ -86,7 +89,8 @@ _PATTERNS: list[tuple[str, str, float, str]] = [
     ("fr", "roleplay_no_rules", 0.9,
      r"\b(?:fais comme si|faites comme si|imagine que|imaginez que|joue le role|jouez le role|fais semblant|"
      r"faites semblant|comporte-toi|agis comme|a partir de maintenant|desormais)\b[^.?!]{0,80}\b(?:sans|aucune?|"
-     r"n'avais|n'aviez|pas de|libre de|libere de|libres? de) (?:aucune? |de |d'|la moindre |toute |tout )?(?:restrictions?|limites?|regles|filtres?|"
+     r"n'avais|n'aviez|pas de|libre de|libere de|libres? de) (?:aucune? |de |d'|la moindre |toute |tout )?"
+     r"(?:restrictions?|limites?|regles|filtres?|"
      r"censure|contraintes?|morale|ethique)"),
     ("fr", "mode_switch", 0.85,
      r"\b(?:tu es|tu passes|passe|passez|reponds|repondez|entre|entrez|active ton|activez votre|bascule|tu restes)"
@@ -120,7 +124,8 @@ _PATTERNS: list[tuple[str, str, float, str]] = [
      r"(?:تظاهر|تظاهري|تصرف|تصرفي|العب دور|تقمص|تخيل|من الان|ابتداء من الان|انت الان|كن)(?:\s+\S+){0,8}?\s+"
      r"(?:بدون|بلا|دون|لا تملك|ليس لديك|لا توجد لديك|متحرر من)\s+(?:اي\s+)?(?:قيود|قواعد|حدود|رقابه|ضوابط|"
      r"فلاتر|اخلاق)"),
-    ("ar", "no_restrictions", 0.85, r"(?:ليس لديك|لا تملك|لم تعد لديك|ليست لديك)\s+(?:اي\s+)?(?:قيود|قواعد|حدود|ضوابط)"),
+    ("ar", "no_restrictions", 0.85,
+     r"(?:ليس لديك|لا تملك|لم تعد لديك|ليست لديك)\s+(?:اي\s+)?(?:قيود|قواعد|حدود|ضوابط)"),
     ("ar", "mode_switch", 0.85,
      r"(?:انت(?: الان)? في|ادخل(?: في)?|ادخلي(?: في)?|انتقل الي)\s+وضع\s+(?:المطور|دان|الحر|بلا قيود|"
      r"غير المقيد|كسر الحمايه)"),
@@ -141,7 +146,8 @@ _PATTERNS: list[tuple[str, str, float, str]] = [
     ("ary", "roleplay_no_rules", 0.9,
      r"(?:دير راسك|دير بحال|ديري راسك|تخيل راسك|تصور راسك|ولي|من دابا|من هنا ولقدام|كون)(?:\s+\S+){0,8}?\s+"
      r"(?:بلا|بدون|ما عندكش|ماعندكش)\s+(?:حتى\s+|شي\s+)?(?:قيود|قيد|قواعد|قاعده|حدود|رقابه|قوانين|قانون)"),
-    ("ary", "no_rules", 0.85, r"(?:ما عندكش|ماعندكش|ما بقاش عندك|مابقاش عندك)\s+(?:حتى\s+|شي\s+)?(?:قيود|قواعد|حدود|قوانين)"),
+    ("ary", "no_rules", 0.85,
+     r"(?:ما عندكش|ماعندكش|ما بقاش عندك|مابقاش عندك)\s+(?:حتى\s+|شي\s+)?(?:قيود|قواعد|حدود|قوانين)"),
     # -- Darija in Latin script (Arabizi), often mixed with French
     ("ary-Latn", "forget_what_they_said", 0.95,
      r"\b(?:nsa|nssa|ensa|nsay|nsaw|tensa|nsi|nessa|nsa)\b[^.?!]{0,50}?\b(?:9alo|galo|qalo|kalo|9alou|galou|qalou|"

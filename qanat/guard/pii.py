@@ -46,6 +46,7 @@ def find_phones(norm: Normalized, regions: Sequence[str] = ("MA", "FR")) -> list
         digits = re.sub(r"\D", "", raw)
         if not 8 <= len(digits) <= 15 or _DATE_LIKE.match(raw) or "  " in raw:
             continue
+        candidates: list[tuple[str, str | None]]
         if raw.lstrip("(").startswith(("+", "00")):
             candidates = [("+" + digits.removeprefix("00"), None)]
         elif digits.startswith("0"):  # national form: the trunk prefix 0, as in Morocco and France
@@ -199,7 +200,8 @@ def find_ips(norm: Normalized) -> list[Span]:
 # (name, literal one of which every match contains (None: check the lowercased text for `_ASSIGNED_WORDS`),
 # pattern): the literal check spares most texts the regex passes.
 _SECRET_PATTERNS = (
-    ("private_key", ("PRIVATE KEY",), r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?(?:-----END (?:[A-Z]+ )?PRIVATE KEY-----|$)"),
+    ("private_key", ("PRIVATE KEY",),
+     r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]*?(?:-----END (?:[A-Z]+ )?PRIVATE KEY-----|$)"),
     ("aws_access_key", ("AKIA", "ASIA",), r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
     ("github_token", ("gh", "github_pat_",), r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b"),
     ("openai_key", ("sk-",), r"\bsk-(?:proj-|svcacct-)?[A-Za-z0-9_\-]{20,}\b"),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from qanat.guard.policy import Action, Direction, GuardrailsPolicy
-from qanat.guard.scan import ScanResult, Scanner
+from qanat.guard.scan import Scanner, ScanResult
 from qanat.guard.spans import REDACTION_TAGS, Span, merge_overlapping
 
 log = logging.getLogger("qanat.guard")

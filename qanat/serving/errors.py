@@ -121,6 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Each class registered by name: a handler for Exception alone runs outside the app's middleware, and
     # Starlette re-raises after it answers.
-    for cls in (InvalidRequestError, ChatTemplateError, UnauthorizedError, ModelNotFoundError, QueueFullError,
+    for cls in (InvalidRequestError, ContentFilterError, ChatTemplateError, UnauthorizedError, ModelNotFoundError,
+                QueueFullError,
                 ClientDisconnectedError, RequestFailedError, EngineUnavailableError, UpstreamError, Exception):
         app.add_exception_handler(cls, _known)

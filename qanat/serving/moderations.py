@@ -46,10 +46,11 @@ class ModerationRequest(BaseModel):
         for i, item in enumerate(self.input):
             if isinstance(item, str):
                 texts.append(item)
-            elif item.type != "text" or item.text is None:
+                continue
+            assert isinstance(item, TextInput)
+            if item.type != "text" or item.text is None:
                 raise InvalidRequestError(f"input[{i}]: only text is moderated here", param="input")
-            else:
-                texts.append(item.text)
+            texts.append(item.text)
         return texts
 
 
