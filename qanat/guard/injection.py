@@ -403,6 +403,8 @@ def _readable(data: bytes) -> str | None:
 
 
 def find_encoded_payloads(original: str) -> list[Span]:
+    if not any(len(token) >= 24 for token in original.split()):
+        return []  # no blob long enough (split runs in C; the regexes below would visit every character)
     spans = []
     for m in _BASE64.finditer(original):
         blob = m.group()

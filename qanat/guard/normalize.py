@@ -67,13 +67,27 @@ def _fold_char(ch: str) -> str:
 
 
 _CACHE: dict[str, str] = {}
+_IRREGULAR: set[str] = set()  # characters that fold to nothing or to several characters
 
 
 def fold_char(ch: str) -> str:
     folded = _CACHE.get(ch)
     if folded is None:
         folded = _CACHE[ch] = _fold_char(ch)
+        _TABLE[ord(ch)] = folded
+        if len(folded) != 1:
+            _IRREGULAR.add(ch)
     return folded
+
+
+class _FoldTable(dict[int, str]):
+    """str.translate's table, filled on first sight of each character."""
+
+    def __missing__(self, codepoint: int) -> str:
+        return fold_char(chr(codepoint))
+
+
+_TABLE = _FoldTable()
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,9 @@ def normalize(text: str) -> Normalized:
     if text.isascii():
         # Only case changes, and control characters stay: the identity map holds.
         return Normalized(text, text.lower(), None)
+    folded_text = text.translate(_TABLE)  # in C, once every character has been seen
+    if _IRREGULAR.isdisjoint(text):
+        return Normalized(text, folded_text, None)  # one character each: the identity map holds
     out: list[str] = []
     offsets: list[int] = []
     for i, ch in enumerate(text):

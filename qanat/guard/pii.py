@@ -66,7 +66,8 @@ def find_phones(norm: Normalized, regions: Sequence[str] = ("MA", "FR")) -> list
 
 
 # -- IBAN and Moroccan RIB -------------------------------------------------------------------------------
-_IBAN = re.compile(r"(?<![a-z0-9])[a-z]{2}\d{2}(?:[ \-]?[a-z0-9]){10,30}(?![a-z0-9])")
+# Found from its check digits (a digit-led search runs in C) and the two letters before them.
+_IBAN = re.compile(r"(?=\d)(?<=(?<![a-z0-9])[a-z]{2})\d{2}(?:[ \-]?[a-z0-9]){10,30}(?![a-z0-9])")
 _RIB = re.compile(r"(?=\d)(?<![\w-])\d(?:[ \-]?\d){23}(?![\w-])")
 IBAN_LENGTHS = {"ma": 28, "fr": 27, "es": 24, "de": 22, "gb": 22, "be": 16, "nl": 18, "it": 27, "pt": 25,
                 "ch": 21, "lu": 20, "tn": 24, "dz": 26, "sa": 24, "ae": 23, "tr": 26, "ie": 22, "at": 20}
@@ -99,12 +100,14 @@ def is_valid_rib(digits: str) -> bool:
 
 def find_ibans(norm: Normalized) -> list[Span]:
     spans = []
-    for m in _IBAN.finditer(norm.text):
-        compact = re.sub(r"[ \-]", "", m.group())
+    text = norm.text
+    for m in _IBAN.finditer(text):
+        start = m.start() - 2
+        compact = re.sub(r"[ \-]", "", text[start:m.end()])
         # A run that goes on into words ("fr76 ... 189 merci"): try shorter by dropping trailing groups.
         for end in range(len(compact), 13, -1):
             if is_valid_iban(compact[:end]):
-                spans.append(Span("pii/iban", m.start(), _extent(m.group(), m.start(), end), 0.99, "iban"))
+                spans.append(Span("pii/iban", start, _extent(text[start:m.end()], start, end), 0.99, "iban"))
                 break
     for m in _RIB.finditer(norm.text):
         if is_valid_rib(re.sub(r"\D", "", m.group())):
@@ -157,7 +160,7 @@ def find_national_ids(norm: Normalized, context: str = "") -> list[Span]:
         if nir.is_valid(m.group().replace(" ", "").upper()):
             spans.append(Span("pii/national_id", m.start(), m.end(), 0.97, "fr_nir"))
     context = context[-_CONTEXT_WINDOW:]
-    if _CIN_CONTEXT.search(text) is None and _CIN_CONTEXT.search(context) is None:
+    if _CIN.search(text) is None or (_CIN_CONTEXT.search(text) is None and _CIN_CONTEXT.search(context) is None):
         return spans
     for m in _CIN.finditer(text):
         if sum(c.isdigit() for c in m.group()) < 4:

@@ -95,3 +95,12 @@ def test_the_qanat_yaml_section_inline_or_as_a_path(tmp_path: Path) -> None:
     text = QANAT.split("guardrails:")[0] + "guardrails: rails.yaml\n"
     loaded = load_config_file(write(tmp_path, text, "qanat.yaml"))
     assert loaded.guardrails is not None and loaded.guardrails.action("input", "pii/phone") == "block"
+
+
+def test_serve_refuses_a_bad_policy_before_any_engine_starts(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from qanat import cli
+
+    bad = write(tmp_path, "input:\n  pii: maybe\n")
+    assert cli.main(["serve", "--guardrails", str(bad)]) == 2
+    assert f"{bad}:2: guardrails.input.pii: Input should be" in capsys.readouterr().err
