@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qanat.guard import injection, pii
+from qanat.guard.concepts import find_concept_pairs
 from qanat.guard.language import LanguageInfo, identify
 from qanat.guard.normalize import Normalized, normalize
 from qanat.guard.spans import CATEGORIES, PII_CATEGORIES, Span, merge_overlapping, parent_category
@@ -104,7 +105,8 @@ class Scanner:
     def _injection(self, norm: Normalized) -> list[Span]:
         has_arabic = not norm.original.isascii() and _HAS_ARABIC.search(norm.text) is not None
         has_latin = _HAS_LATIN.search(norm.text) is not None
-        spans = [_to_original(norm, s) for s in injection.find_injection_patterns(norm, has_arabic, has_latin)]
+        found = injection.find_injection_patterns(norm, has_arabic, has_latin) + find_concept_pairs(norm.text)
+        spans = [_to_original(norm, s) for s in found]
         return spans + injection.find_encoded_payloads(norm.original) + \
             injection.find_invisible_smuggling(norm.original)
 
