@@ -46,7 +46,8 @@ _CONCEPTS_RAW: dict[str, tuple[str, ...]] = {
     "reveal": (
         " show", " print", " output", " reveal", " repeat", " write out", " tell me", " let me see", " display",
         " leak", " dump", " see ", " recite", " copy ", " paste",
-        " montre", " ecri", "'ecri", "'montre", " affiche", " revele", " repete", " dis-moi", " donne-moi", " voir ", " recopie",
+        " montre", " ecri", "'ecri", "'montre", " affiche", " revele", " repete", " dis-moi", " donne-moi",
+        " voir ", " recopie",
         "اعرض", "اكشف", "اطبع", "اظهر", "كرر", "ارني", "اري ", "اعطني", "اكتب", "اخبرني",
         "وريني", "وريلي", "نشوف", "عطيني", "قولي", "قول ليا", "كتب ليا",
         " wrini", " werrini", " warini", " nchouf", " nchof", " 3tini", " 9ol lia", " golia", " kteb lia",
