@@ -26,7 +26,7 @@ from qanat.guard.scan import Scanner, ScanResult, ScanSettings  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "data" / "guardrails_corpus.jsonl"
 ALLOWED = ("ar", "ary", "zgh", "fr", "en")
-DETECTOR_CATEGORIES = ("pii", "prompt_injection", "blocked_topic")  # what a benign text must not trip
+DETECTOR_CATEGORIES = ("pii", "prompt_injection", "blocked_topic", "language")  # what a benign text must not trip
 _EXPECTED_LANGUAGE = {"ary-Latn": "ary", "zgh-Latn": "zgh"}
 
 

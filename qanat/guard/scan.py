@@ -17,6 +17,9 @@ from qanat.guard.topics import TopicMatcher
 _HAS_ARABIC = re.compile(r"[\u0600-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufeff]")
 _HAS_LATIN = re.compile(r"[a-z]")
 _HAS_DIGIT = re.compile(r"\d")
+# A language outside the allow-list counts only when the identifier is this sure: short texts full of numbers
+# and Arabizi get low-confidence guesses (Catalan, Turkish, Uzbek) that must not block anyone.
+LANGUAGE_MIN_SCORE = 0.5
 _MACROLANGUAGE = {"ary": "ar", "arz": "ar", "zgh": "ber", "kab": "ber", "tzm": "ber", "shi": "ber"}
 
 
@@ -72,8 +75,9 @@ class Scanner:
         scores["prompt_injection"] = injection.combined_score(injection_spans)
         scores["blocked_topic"] = 1.0 if topic_spans else 0.0
         all_spans = merged + injection_spans + topic_spans
-        if language is not None and self.allowed and not self._allowed(language.language):
-            scores["language"] = max(language.score, 0.5)
+        if language is not None and self.allowed and language.score >= LANGUAGE_MIN_SCORE \
+                and not self._allowed(language.language):
+            scores["language"] = language.score
             all_spans.append(Span("language", 0, len(text), scores["language"], language.language))
         all_spans.sort(key=lambda s: (s.start, s.end))
         return ScanResult(text, all_spans, scores, language, self.settings.injection_threshold)
