@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import re
 
 from qanat.guard.normalize import Normalized, fold_pattern, normalize
@@ -359,17 +360,48 @@ def keywords_in(text: str) -> set[str]:
 _ARABIC_LANGS = {"ar", "ary"}
 
 
+_SENTENCE_END = re.compile(r"[.!?؟\n]")
+# trigger keyword -> the patterns it opens (the words of their first prefilter list)
+_BY_TRIGGER: dict[str, list[int]] = {}
+for _index, _compiled in enumerate(COMPILED_PATTERNS):
+    for _word in _compiled[4][0]:
+        _BY_TRIGGER.setdefault(_word, []).append(_index)
+
+
 def find_injection_patterns(norm: Normalized, has_arabic: bool, has_latin: bool) -> list[Span]:
-    spans = []
+    """A pattern runs only where it can match: in the sentences that hold one of its trigger words, and only
+    if the text also holds its other prefilter words (patterns never reach past a sentence's end)."""
     text = norm.text
-    present = keywords_in(text)
-    for lang, name, score, pattern, prefilters in COMPILED_PATTERNS:
+    present: set[str] = set()
+    where: dict[int, list[int]] = {}  # pattern index -> positions of its trigger words
+    cache = _TOKEN_KEYWORDS
+    for m in _WORD.finditer(text):
+        token = m.group()
+        hit = cache.get(token)
+        if hit is None:
+            hit = _token_keywords(token)
+        if hit:
+            present |= hit
+            for keyword in hit:
+                for index in _BY_TRIGGER.get(keyword, ()):
+                    where.setdefault(index, []).append(m.start())
+    if not where:
+        return []
+    boundaries = [m.start() for m in _SENTENCE_END.finditer(text)]
+    spans = []
+    for index, positions in where.items():
+        lang, name, score, pattern, prefilters = COMPILED_PATTERNS[index]
         if (lang in _ARABIC_LANGS and not has_arabic) or (lang not in _ARABIC_LANGS and not has_latin):
             continue
-        if not all(words & present for words in prefilters):
+        if any(present.isdisjoint(words) for words in prefilters[1:]):
             continue
-        for m in pattern.finditer(text):
-            spans.append(Span("prompt_injection", m.start(), m.end(), score, f"{lang}:{name}"))
+        windows = set()
+        for position in positions:
+            i = bisect.bisect_left(boundaries, position)
+            windows.add((boundaries[i - 1] + 1 if i > 0 else 0, boundaries[i] if i < len(boundaries) else len(text)))
+        for start, end in sorted(windows):
+            for match in pattern.finditer(text, start, end):
+                spans.append(Span("prompt_injection", match.start(), match.end(), score, f"{lang}:{name}"))
     return spans
 
 

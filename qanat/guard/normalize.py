@@ -15,6 +15,7 @@ Folding, per character (cached: a text is mostly characters seen before):
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -119,19 +120,27 @@ def normalize(text: str) -> Normalized:
     folded_text = text.translate(_TABLE)  # in C, once every character has been seen
     if _IRREGULAR.isdisjoint(text):
         return Normalized(text, folded_text, None)  # one character each: the identity map holds
-    out: list[str] = []
+    # Runs of one-to-one characters map by ranges; only the irregular ones are visited in Python.
     offsets: list[int] = []
-    for i, ch in enumerate(text):
-        folded = _CACHE.get(ch)
-        if folded is None:
-            folded = fold_char(ch)
-        if len(folded) == 1:
-            out.append(folded)
-            offsets.append(i)
-        elif folded:
-            out.append(folded)
-            offsets.extend([i] * len(folded))
-    return Normalized(text, "".join(out), tuple(offsets))
+    last = 0
+    for m in _irregular_pattern().finditer(text):
+        i = m.start()
+        offsets.extend(range(last, i))
+        offsets.extend([i] * len(_CACHE[text[i]]))
+        last = i + 1
+    offsets.extend(range(last, len(text)))
+    return Normalized(text, folded_text, tuple(offsets))
+
+
+_IRREGULAR_RE: tuple[int, re.Pattern[str]] = (0, re.compile(r"(?!)"))
+
+
+def _irregular_pattern() -> re.Pattern[str]:
+    global _IRREGULAR_RE
+    if _IRREGULAR_RE[0] != len(_IRREGULAR):  # the set only grows: its size says whether the regex is current
+        chars = sorted(_IRREGULAR)
+        _IRREGULAR_RE = (len(chars), re.compile("[" + "".join(re.escape(c) for c in chars) + "]"))
+    return _IRREGULAR_RE[1]
 
 
 def fold_pattern(pattern: str) -> str:
