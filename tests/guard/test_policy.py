@@ -104,3 +104,12 @@ def test_serve_refuses_a_bad_policy_before_any_engine_starts(tmp_path: Path,
     bad = write(tmp_path, "input:\n  pii: maybe\n")
     assert cli.main(["serve", "--guardrails", str(bad)]) == 2
     assert f"{bad}:2: guardrails.input.pii: Input should be" in capsys.readouterr().err
+
+
+def test_config_check_shows_the_guardrails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qanat import cli
+
+    path = write(tmp_path, QANAT.replace("shout", "block"), "qanat.yaml")
+    assert cli.main(["config", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "guardrails: input {" in out and "'pii': 'block'" in out
