@@ -20,7 +20,7 @@ from qanat.guard.normalize import Normalized, fold_pattern
 ARABIC, LATIN, TIFINAGH, OTHER = "Arab", "Latn", "Tfng", "Zyyy"
 _MIN_LETTERS = 12  # below this, a language id is a guess: "und"
 _FASTTEXT_CHARS = 200  # lid.176 reads the start of a text: its cost grows with length, its answer hardly
-_SHARE_CHARS = 512  # script shares from the start of a text, for the same reason
+_SHARE_CHARS = 256  # script shares from the start of a text, for the same reason
 
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())

@@ -40,6 +40,8 @@ _DATE_LIKE = re.compile(r"^\d{1,4}[.\-/ ]\d{1,2}[.\-/ ]\d{1,4}$")
 def find_phones(norm: Normalized, regions: Sequence[str] = ("MA", "FR")) -> list[Span]:
     spans = []
     for m in _PHONE.finditer(norm.text):
+        if m.group()[0] not in "0+(":
+            continue  # neither international nor a national number with its trunk 0: a price, a year, a count
         raw = m.group().rstrip(" -.(")
         if raw.startswith("(") and ")" not in raw[1:6]:
             raw = raw[1:]
@@ -148,6 +150,9 @@ _CIN_CONTEXT = re.compile(fold_pattern(
     r"\b(?:cin|cnie|c\.i\.n|carte (?:nationale|d'identite)|piece d'identite|n° d'identite|national id|"
     r"id card|identity card|id number|bita9a|lbita9a|l'bita9a|carte|lakart|la carte|watania|wataniya|"
     r"identite|ⵜⴰⴽⴰⵔⴹⴰ)|البطاقه الوطنيه|بطاقه التعريف|رقم البطاقه|لاكارط|البطاقه|الهويه|رقم التعريف"))
+# Substrings every context word contains one of: a cheap test before the regexes.
+_CIN_STEMS = tuple(fold_pattern(s) for s in ("cin", "cni", "carte", "card", "id ", " id", "identit", "bita9a",
+                                             "watan", "kart", "بطاق", "هوي", "تعريف", "كارط", "ⵜⴰⴽⴰⵔⴹⴰ"))
 _NIR = re.compile(r"(?=[12])(?<![\w-])[12] ?\d{2} ?\d{2} ?(?:\d{2}|2a|2b) ?\d{3} ?\d{3} ?\d{2}(?![\w-])")
 _CONTEXT_WINDOW = 60  # characters before a candidate where a context word makes it count
 
@@ -160,7 +165,8 @@ def find_national_ids(norm: Normalized, context: str = "") -> list[Span]:
         if nir.is_valid(m.group().replace(" ", "").upper()):
             spans.append(Span("pii/national_id", m.start(), m.end(), 0.97, "fr_nir"))
     context = context[-_CONTEXT_WINDOW:]
-    if _CIN.search(text) is None or (_CIN_CONTEXT.search(text) is None and _CIN_CONTEXT.search(context) is None):
+    if not any(stem in text or stem in context for stem in _CIN_STEMS) or _CIN.search(text) is None or (
+            _CIN_CONTEXT.search(text) is None and _CIN_CONTEXT.search(context) is None):
         return spans
     for m in _CIN.finditer(text):
         if sum(c.isdigit() for c in m.group()) < 4:
