@@ -31,6 +31,7 @@ from qanat.router.router import ModelRouter, Replica
 
 if TYPE_CHECKING:
     from qanat.engine.executors.llamacpp import LlamaTokenizer
+    from qanat.guard.policy import GuardrailsPolicy
     from qanat.serving.state import ModelRegistry
 
 
@@ -123,8 +124,9 @@ def build_models(file: LoadedFile, defaults: EngineConfig) -> ModelRegistry:
     return ModelRegistry(dict(routers))
 
 
-def build_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> FastAPI:
+def build_app(models: ModelRegistry | EngineClient, config: ServerConfig,
+              guardrails: GuardrailsPolicy | None = None) -> FastAPI:
     from qanat.serving.app import create_app
 
-    return create_app(models, config)
+    return create_app(models, config, guardrails)
 

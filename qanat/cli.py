@@ -71,13 +71,15 @@ def _serve(args: argparse.Namespace) -> int:
     carbon = CarbonModel.for_grid(args.grid, pue=args.pue, intensity_g_per_kwh=args.grid_intensity)
     server_config = ServerConfig(host=args.host, port=args.port, api_keys=tuple(keys),
                                  drain_timeout_s=args.drain_timeout, carbon=carbon, webui=not args.no_webui)
-    return serve(_engine_config(args), server_config, args.config)
+    return serve(_engine_config(args), server_config, args.config, args.guardrails)
 
 
 def _config(args: argparse.Namespace) -> int:
     from qanat.router.config import load_config_file
 
     loaded = load_config_file(args.file)  # ConfigError: printed by main with the line and the field
+    if loaded.guardrails is not None:
+        print(f"guardrails: input {loaded.guardrails.input}; output {loaded.guardrails.output}")
     for model in loaded.spec.models:
         replicas = ", ".join(f"{r.name} ({'local ' + str(r.gguf) if r.is_local else r.url})" for r in model.replicas)
         print(f"{model.name}: {model.policy} over {replicas}")
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
     serve.add_argument("--config", help="qanat.yaml: serve every model it lists, over its replicas")
     serve.add_argument("--no-webui", action="store_true", help="do not serve the chat playground and dashboard at /")
+    serve.add_argument("--guardrails", metavar="FILE",
+                       help="guardrails policy (YAML): input and output rails, language allow-list, blocked topics; "
+                            "overrides a --config file's guardrails section")
     serve.set_defaults(run=_serve)
 
     config = commands.add_parser("config", help="config check FILE: validate a qanat.yaml without serving")

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qanat.config import FLASH_ATTN_MODES, ConfigError, EngineConfig
+
+if TYPE_CHECKING:
+    from qanat.guard.policy import GuardrailsPolicy
 
 Policy = Literal["round_robin", "least_load", "prefix", "session", "energy"]
 POLICIES: tuple[str, ...] = ("round_robin", "least_load", "prefix", "session", "energy")
@@ -95,7 +98,8 @@ class ModelSpec(_Strict):
 
 class QanatFile(_Strict):
     models: Annotated[list[ModelSpec], Field(min_length=1)]
-    guardrails: str | None = None
+    # qanat/guard/policy.py: a policy file's path (relative to this file) or the policy itself, inline
+    guardrails: str | dict[str, Any] | None = None
 
     def reference_errors(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Names that must match across models, as (where, what is wrong)."""
@@ -115,6 +119,7 @@ class QanatFile(_Strict):
 class LoadedFile:
     spec: QanatFile
     path: Path
+    guardrails: GuardrailsPolicy | None = None
 
 
 def load_config_file(path: str | Path) -> LoadedFile:
@@ -142,7 +147,18 @@ def load_config_file(path: str | Path) -> LoadedFile:
         raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc) or 'file'}: {first['msg']}") from e
     for loc, message in spec.reference_errors():
         raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc)}: {message}")
-    return LoadedFile(spec, path)
+    return LoadedFile(spec, path, _guardrails(spec.guardrails, path, lines))
+
+
+def _guardrails(section: str | dict[str, Any] | None, path: Path, lines: dict[tuple[str | int, ...], int]
+                ) -> GuardrailsPolicy | None:
+    from qanat.guard.policy import load_policy_file, parse_policy
+
+    if section is None:
+        return None
+    if isinstance(section, str):
+        return load_policy_file(path.parent / section)
+    return parse_policy(section, str(path), lines, ("guardrails",))
 
 
 def _to_python(node: yaml.Node, path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]) -> Any:

@@ -17,10 +17,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from qanat import __version__
 from qanat.config import ServerConfig
 from qanat.engine.client import EngineClient
+from qanat.guard.policy import GuardrailsPolicy
+from qanat.guard.rails import Guard
 from qanat.router.router import ModelRouter
 from qanat.serving.errors import UnauthorizedError, error_response, install_error_handlers
 from qanat.serving.live import LiveSampler, live_route
 from qanat.serving.metrics import ServerMetrics
+from qanat.serving.moderations import router as moderations_router
 from qanat.serving.routes import router as openai_router
 from qanat.serving.state import AppState, Gateway, ModelRegistry, app_state
 
@@ -166,7 +169,8 @@ def _docs_routes(app: FastAPI) -> APIRouter:
     return docs
 
 
-def create_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> FastAPI:
+def create_app(models: ModelRegistry | EngineClient, config: ServerConfig,
+               guardrails: GuardrailsPolicy | None = None) -> FastAPI:
     registry = models if isinstance(models, ModelRegistry) else ModelRegistry.of(models)
     routers = [m for m in registry if isinstance(m, ModelRouter)]
 
@@ -188,12 +192,14 @@ def create_app(models: ModelRegistry | EngineClient, config: ServerConfig) -> Fa
     metrics = ServerMetrics(registry)
     for router_metrics in {id(r.metrics): r.metrics for r in routers}.values():
         metrics.include(router_metrics)
-    state = AppState(models=registry, config=config, metrics=metrics, live=LiveSampler(registry, metrics))
+    state = AppState(models=registry, config=config, metrics=metrics, live=LiveSampler(registry, metrics),
+                     guard=Guard(guardrails, metrics) if guardrails is not None else None)
     app.state.qanat = state
     install_error_handlers(app)
     auth = [Depends(require_api_key(config.api_keys))]
     app.include_router(_probes())
     app.include_router(openai_router, dependencies=auth)
+    app.include_router(moderations_router, dependencies=auth)
     app.include_router(_metrics_route(), dependencies=auth)
     app.include_router(live_route(state.live), dependencies=auth)
     app.include_router(_docs_routes(app), dependencies=auth)

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qanat.engine.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestFailedError
 from qanat.engine.remote import UpstreamError
+from qanat.guard.rails import ContentFilterError
 from qanat.models.chat_template import ChatTemplateError
 
 log = logging.getLogger("qanat.server")
@@ -51,6 +52,8 @@ def describe(exc: BaseException) -> ApiError:
             error: dict[str, Any] = raw if isinstance(raw, dict) else {}
             return ApiError(exc.status, str(error.get("message") or exc), str(error.get("type") or "upstream_error"),
                             error.get("param"), error.get("code"))
+        case ContentFilterError():
+            return ApiError(400, str(exc), "invalid_request_error", exc.param, "content_filter")
         case InvalidRequestError():
             return ApiError(400, str(exc), "invalid_request_error", exc.param)
         case ChatTemplateError():
@@ -118,6 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Each class registered by name: a handler for Exception alone runs outside the app's middleware, and
     # Starlette re-raises after it answers.
-    for cls in (InvalidRequestError, ChatTemplateError, UnauthorizedError, ModelNotFoundError, QueueFullError,
+    for cls in (InvalidRequestError, ContentFilterError, ChatTemplateError, UnauthorizedError, ModelNotFoundError,
+                QueueFullError,
                 ClientDisconnectedError, RequestFailedError, EngineUnavailableError, UpstreamError, Exception):
         app.add_exception_handler(cls, _known)

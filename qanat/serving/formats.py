@@ -30,6 +30,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     last: Delta | None = None
     tools: ToolCallParser | None = None
+    filtered: bool = False  # the output guardrails blocked the rest of this choice
 
     def add(self, delta: Delta) -> ChoiceDelta:
         piece = Piece(delta.text) if self.tools is None else self.tools.feed(delta.text)
@@ -47,6 +48,8 @@ class Choice:
 
     @property
     def finish_reason(self) -> str | None:
+        if self.filtered:
+            return "content_filter"
         if self.last is not None and self.last.finish_reason is FinishReason.STOP and self.tool_calls():
             return "tool_calls"
         return finish_reason(self.last)

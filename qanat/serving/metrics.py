@@ -17,6 +17,7 @@ class StatsSource(Protocol):
     def stats(self) -> EngineStats: ...
 
 
+_GUARD_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
 
 
@@ -78,6 +79,20 @@ class ServerMetrics:
         self.tool_call_failures = Counter(
             "qanat_tool_call_failures", "Outputs whose tool calls did not parse or validate (under auto: sent as text)",
             ["tool_choice"], registry=r)
+
+        self.guardrail_actions = Counter(
+            "qanat_guardrail_actions", "Guardrail actions taken, by direction (input, output), category and action",
+            ["direction", "category", "action"], registry=r)
+        self.guardrail_latency = Histogram(
+            "qanat_guardrail_seconds", "Time in guardrails: per request (input, moderation), per release (output)",
+            ["direction"], buckets=_GUARD_BUCKETS, registry=r)
+
+    # qanat.guard.rails.GuardRecorder
+    def guardrail_action(self, direction: str, category: str, action: str) -> None:
+        self.guardrail_actions.labels(direction, category, action).inc()
+
+    def guardrail_seconds(self, direction: str, seconds: float) -> None:
+        self.guardrail_latency.labels(direction).observe(seconds)
 
     def include(self, router_metrics: RouterMetrics) -> None:
         """Serve a router's families from this app's /metrics too."""

@@ -1,17 +1,20 @@
 """A request's path through the serving layer, the same for every endpoint:
 
-    validate -> tools -> [relay] -> render -> admit -> generate -> format
+    validate -> guard (input) -> tools -> [relay] -> render -> admit -> generate -> guard (output) -> format
 
 `validate` turns the body into SamplingParams and prompts (pydantic did the types; LIMITS the ranges);
+`guard` (qanat/guard/) runs the input rails on every message and text prompt before anything is rendered: a
+block is a 400 with code "content_filter" and the engine never sees the request; the output rails sit between
+the engine's deltas and the choices, holding back only what a match could still grow into;
 `tools` (tools.py) checks tools and tool messages, writes them into the prompt and, when a call is forced,
 constrains the output with a grammar; its parser later splits each choice's output into text and tool calls;
 `render` applies the chat template and tokenizes, off the event loop (EngineClient.render); `admit` finds the
 engine for the model and waits for the first delta, so that refusals (400, 429, 503) keep their status codes;
 `generate` gathers the choices' deltas; `format` writes OpenAI's JSON or SSE through an endpoint's
 ResponseFormat. `relay` short-cuts the rest for a streamed request to a model served by plain OpenAI-compatible
-upstreams (a router's remote replicas): the body goes there as it came and the upstream's SSE bytes come back
-untouched, with no Python work per token. A new capability (guardrails, routing) is a new step here, not a branch
-in each handler.
+upstreams (a router's remote replicas), when no guardrails are configured: the body goes there as it came and
+the upstream's SSE bytes come back untouched, with no Python work per token. A new capability (guardrails,
+routing) is a new step here, not a branch in each handler.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -30,9 +33,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
-from qanat.engine.client import ByteRelay, Delta, EngineClient, Prompt, RequestHints
+from qanat.engine.client import ByteRelay, ChatPrompt, Delta, EngineClient, Prompt, RequestHints, TextPrompt
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.sampling import SamplingParams
+from qanat.guard.rails import Guard, OutputRail
 from qanat.serving.errors import ClientDisconnectedError, ModelNotFoundError, error_body
 from qanat.serving.formats import Choice, ChoiceDelta, Extras, ResponseFormat
 from qanat.serving.metrics import ServerMetrics
@@ -52,9 +56,17 @@ async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
     with _prompt_param(fmt):
         engine = admit_model(state, body.model)
         params, prompts = body.sampling_params(), body.prompts()
+        prompts = await guard_input(state.guard, prompts, fmt.prompt_param)
+        if state.guard is not None and state.guard.output_acts and (params.logprobs is not None
+                                                                     or body.return_token_ids):
+            # Log-probabilities and token ids would carry the very text the output rails redact or block.
+            raise InvalidRequestError("logprobs and return_token_ids are not available while the output "
+                                      "guardrails redact or block", param="logprobs")
         tools = plan_tools(body, engine.card)
         hints = RequestHints(session=http.headers.get("x-session-id") or body.user, user=body.user)
-        if body.stream and tools is None and isinstance(engine, ByteRelay) and engine.can_relay():
+        # Relayed bytes pass no rail, and an input redaction would not reach the body sent as it came.
+        relayable = body.stream and tools is None and state.guard is None
+        if relayable and isinstance(engine, ByteRelay) and engine.can_relay():
             return await relay(engine, body, prompts[0], hints, http)
         if tools is not None:
             params, prompts = tools.apply(params, prompts)
@@ -94,6 +106,41 @@ def admit_model(state: AppState, model: str) -> EngineClient:
         served = ", ".join(f"'{name}'" for name in state.models.names)
         raise ModelNotFoundError(f"the model '{model}' does not exist; this server serves {served}")
     return engine
+
+
+_GUARD_INLINE_CHARS = 16_384  # longer prompts are scanned in a worker thread (about 1 ms per KB)
+
+
+async def guard_input(guard: Guard | None, prompts: list[Prompt], param: str) -> list[Prompt]:
+    """Input rails on every message of a chat and on text prompts (token prompts carry no text to check):
+    the prompts the engine may see, redacted where the policy says so, or ContentFilterError."""
+    if guard is None:
+        return prompts
+    if sum(_text_size(p) for p in prompts) > _GUARD_INLINE_CHARS:
+        return await asyncio.to_thread(_guard_prompts, guard, prompts, param)
+    return _guard_prompts(guard, prompts, param)
+
+
+def _text_size(prompt: Prompt) -> int:
+    if isinstance(prompt, TextPrompt):
+        return len(prompt.text)
+    if isinstance(prompt, ChatPrompt):
+        return sum(len(m["content"]) for m in prompt.messages if isinstance(m.get("content"), str))
+    return 0
+
+
+def _guard_prompts(guard: Guard, prompts: list[Prompt], param: str) -> list[Prompt]:
+    guarded: list[Prompt] = []
+    for prompt in prompts:
+        if isinstance(prompt, ChatPrompt):
+            messages = tuple({**m, "content": guard.check_input(m["content"], param)}
+                             if isinstance(m.get("content"), str) and m["content"] else m for m in prompt.messages)
+            guarded.append(replace(prompt, messages=messages))
+        elif isinstance(prompt, TextPrompt):
+            guarded.append(TextPrompt(guard.check_input(prompt.text, param)))
+        else:
+            guarded.append(prompt)
+    return guarded
 
 
 async def render(engine: EngineClient, prompts: list[Prompt]) -> list[Prompt]:
@@ -186,6 +233,9 @@ class Generation:
         self.n = n
         self.state = state
         self.choices = [Choice(tools=tools.parser() if tools is not None else None) for _ in jobs]
+        guard = state.guard
+        self.rails: list[OutputRail] | None = [guard.output_rail() for _ in jobs] \
+            if guard is not None and guard.output_acts else None
         self.timing = _Timing(state.metrics)
         self._events = _interleave(engine, jobs, hints)
         self._first: tuple[int, Delta] | None = None
@@ -206,14 +256,32 @@ class Generation:
         assert self._first is not None, "start() first"
         index, delta = self._first
         while True:
-            update = self.choices[index].add(delta)
-            self.timing.token(index, len(delta.token_ids))
-            yield index, update
+            choice = self.choices[index]
+            if not choice.filtered:  # a blocked choice's later deltas are dropped
+                if self.rails is not None:
+                    delta = self._guard_output(index, delta)
+                update = choice.add(delta)
+                self.timing.token(index, len(delta.token_ids))
+                yield index, update
+            if any(c.filtered for c in self.choices) and all(
+                    c.filtered or (c.last is not None and c.last.finish_reason is not None) for c in self.choices):
+                await self._events.aclose()  # the engine stops generating what nobody will see
+                break
             try:
                 index, delta = await anext(self._events)
             except StopAsyncIteration:
                 break
         self.timing.done(self.choices, self.n)
+
+    def _guard_output(self, index: int, delta: Delta) -> Delta:
+        assert self.rails is not None
+        rail = self.rails[index]
+        text = rail.feed(delta.text)
+        if delta.finish_reason is not None:
+            text += rail.finish()
+        if rail.blocked is not None:
+            self.choices[index].filtered = True
+        return replace(delta, text=text)
 
     async def collect(self) -> list[Choice]:
         async def drain() -> None:
@@ -242,7 +310,7 @@ class Generation:
 
 
 async def _interleave(engine: EngineClient, jobs: list[Job], hints: RequestHints | None
-                      ) -> AsyncIterator[tuple[int, Delta]]:
+                      ) -> AsyncGenerator[tuple[int, Delta], None]:
     """Deltas of every choice, interleaved as they come: (choice index, delta)."""
     if len(jobs) == 1:
         async for delta in engine.generate(*jobs[0], hints=hints):

@@ -18,6 +18,7 @@ import uvicorn
 
 from qanat.build import build_app, build_llamacpp_engine, build_models
 from qanat.config import EngineConfig, ServerConfig
+from qanat.guard.policy import load_policy_file
 from qanat.router.config import load_config_file
 from qanat.serving.app import startup_line
 from qanat.serving.state import AppState, ModelRegistry
@@ -25,13 +26,18 @@ from qanat.serving.state import AppState, ModelRegistry
 log = logging.getLogger("qanat.server")
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig, config_file: str | None = None) -> int:
-    """Serve the embedded model (or --model) alone, or every model a qanat.yaml lists."""
+def serve(engine_config: EngineConfig, server_config: ServerConfig, config_file: str | None = None,
+          guardrails_file: str | None = None) -> int:
+    """Serve the embedded model (or --model) alone, or every model a qanat.yaml lists; with guardrails from
+    --guardrails, else from the qanat.yaml's `guardrails:` section."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    models = (build_models(load_config_file(config_file), engine_config) if config_file
+    loaded = load_config_file(config_file) if config_file else None
+    # Read before any engine starts, so a bad policy file fails fast.
+    guardrails = load_policy_file(guardrails_file) if guardrails_file else loaded.guardrails if loaded else None
+    models = (build_models(loaded, engine_config) if loaded is not None
               else ModelRegistry.of(build_llamacpp_engine(engine_config)))
     try:
-        app = build_app(models, server_config)
+        app = build_app(models, server_config, guardrails)
         state: AppState = app.state.qanat
         server = uvicorn.Server(uvicorn.Config(
             app, host=server_config.host, port=server_config.port, log_level="warning",

@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection
 from qanat.config import ServerConfig
 from qanat.energy.accounting import EnergyTotals
 from qanat.engine.client import EngineClient, EngineHealth, EngineLoad, EngineStats
+from qanat.guard.rails import Guard
 from qanat.serving.live import LiveSampler
 from qanat.serving.metrics import ServerMetrics
 
@@ -87,6 +88,7 @@ class AppState:
     metrics: ServerMetrics
     live: LiveSampler  # per-second samples of the metrics, for /metrics/live
     gateway: Gateway = field(default_factory=Gateway)
+    guard: Guard | None = None  # the guardrails policy's rails; None: no rails (and /v1/moderations uses defaults)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
 

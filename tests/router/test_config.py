@@ -34,6 +34,7 @@ guardrails: guardrails.yaml
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "guardrails.yaml").write_text("input: {pii: redact}\n")  # GOOD's guardrails file
     path = tmp_path / "qanat.yaml"
     path.write_text(text)
     return path
@@ -47,6 +48,8 @@ def test_the_readme_shape_loads(tmp_path: Path) -> None:
     assert local.is_local and local.parallel == 8 and local.threads == 1
     assert not remote.is_local and remote.model == "SmolLM2-135M-Instruct" and remote.api_key_env == "GPU_B_KEY"
     assert spec.guardrails == "guardrails.yaml"
+    guardrails = load_config_file(write(tmp_path, GOOD)).guardrails
+    assert guardrails is not None and guardrails.action("input", "pii/phone") == "redact"
 
 
 @pytest.mark.parametrize(

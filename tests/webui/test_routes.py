@@ -104,7 +104,7 @@ def test_serve_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     import qanat.serving.run
 
     configs: list[ServerConfig] = []
-    monkeypatch.setattr(qanat.serving.run, "serve", lambda engine_config, server_config, file: configs.append(
+    monkeypatch.setattr(qanat.serving.run, "serve", lambda engine_config, server_config, file, *_: configs.append(
         server_config) or 0)
     assert cli.main(["serve"]) == 0 and cli.main(["serve", "--no-webui"]) == 0
     assert [c.webui for c in configs] == [True, False]
