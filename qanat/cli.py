@@ -30,6 +30,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="where per-request joules come from (auto: NVML, then RAPL, then a CPU-time estimate)")
     parser.add_argument("--cpu-tdp-w", type=float, default=None,
                         help="CPU package TDP in watts for the estimate (default: from a built-in table)")
+    parser.add_argument("--cache-ram", type=int, default=defaults.cache_ram_mib, metavar="MIB",
+                        help="prompt cache beyond the slots, in host RAM (MiB; 0 = none; default: 8192 or an eighth "
+                             "of this machine's memory)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="prompt cache on disk, kept across restarts (files checked against model and build)")
+    parser.add_argument("--cache-disk", type=int, default=defaults.cache_disk_mib, metavar="MIB",
+                        help="the most --cache-dir holds (MiB), least recently used evicted")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -37,6 +44,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, ctx=args.ctx, parallel=args.parallel, threads=args.threads,
         batch_tokens=args.batch, max_waiting=args.max_waiting, energy_meter=args.energy_meter,
         cpu_tdp_w=args.cpu_tdp_w, flash_attn=args.flash_attn, deterministic=args.deterministic,
+        cache_ram_mib=args.cache_ram, cache_dir=args.cache_dir, cache_disk_mib=args.cache_disk,
     )
 
 

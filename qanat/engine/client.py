@@ -138,6 +138,24 @@ class EngineLoad:
 
 
 @dataclass(frozen=True)
+class PromptCacheStats:
+    """Counters since start; per tier of `tiers` (slot, then ram and disk when configured)."""
+
+    tiers: tuple[str, ...]
+    hit_tokens: dict[str, int]  # prompt tokens reused from the tier (their sum is the cached tokens)
+    miss_tokens: dict[str, int]  # prompt tokens the tier was asked for and did not give
+    held_bytes: dict[str, int]  # bytes the tier holds now (ram, disk)
+    entries: dict[str, int]
+    evictions: dict[str, int]
+    restores: dict[str, int]
+    restore_s: dict[str, float]
+    restored_tokens: dict[str, int]
+    saves: int
+    save_s: float
+    failed_restores: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A metrics snapshot, read at scrape time."""
 
@@ -149,6 +167,7 @@ class EngineStats:
     steps: int
     step_s: float  # wall time of engine steps, executor included
     boundary_s: float  # of which: crossing the process boundary (0 in-process)
+    prompt_cache: PromptCacheStats | None = None  # tiers beyond the slots, when configured
 
 
 class EngineClient(Protocol):
