@@ -1,0 +1,201 @@
+"""Prompt cache beyond the slots (issue 15), Qanat vs llama-server, one run, same settings (2 threads, 16 slots,
+1024 tokens of context per slot). Starts and stops every server itself, one at a time:
+
+    flock /tmp/qanat-heavy.lock .venv/bin/python bench/prompt_cache.py --llama-server PATH/llama-server
+
+- repeat: 32 streamed prompts (~230 tokens, distinct), 64 new tokens, concurrency 16, then the same 32 again (a
+  conversation's next turn re-sends its context): aggregate output tokens/s and TTFT per round.
+- turns: 16 conversations x 4 turns at concurrency 16 (`qanat bench --turns`): TTFT per turn.
+- disk: Qanat with --cache-dir: the repeat workload's first round, a restart (SIGTERM), the second round.
+- memory: Qanat with --cache-ram 32 under 64 distinct prompts: the executor process's peak resident memory.
+Prints Markdown for docs/benchmarks.md and writes bench/results/prompt_cache.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.engine_throughput import summarize  # noqa: E402
+from bench.workload import distinct_prompts  # noqa: E402
+from qanat.bench.conversation import ConversationSpec, run_conversations, summarize_turns  # noqa: E402
+from qanat.bench.loadgen import run_load  # noqa: E402
+from qanat.engine.executors.llamacpp import LlamaModel  # noqa: E402
+from qanat.models.locate import default_model_path  # noqa: E402
+
+THREADS, SLOTS, CTX = 2, 16, 1024
+PROMPT_TOKENS, NEW_TOKENS, N_PROMPTS = 230, 64, 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name, self.args = name, args
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc = subprocess.Popen([*args, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: see {self.log.name}")
+            time.sleep(0.2)
+        self.model = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+    def stop(self, graceful: bool = False) -> None:
+        if graceful:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def qanat(*extra: str) -> Server:
+    return Server("qanat", [sys.executable, "-m", "qanat.cli", "serve", "--threads", str(THREADS), "--parallel",
+                            str(SLOTS), "--ctx", str(CTX), "--no-webui", *extra])
+
+
+def llama_server(binary: str) -> Server:
+    # -nr: no weight repacking (ggml's AMX path crashed on this project's Sapphire Rapids machines); --cache-ram is
+    # left at its default (8192 MiB).
+    return Server("llama-server", [binary, "-m", str(default_model_path()), "-t", str(THREADS), "-np", str(SLOTS),
+                                   "-c", str(SLOTS * CTX), "-nr"])
+
+
+def round_of(server: Server, texts: list[str]) -> dict[str, Any]:
+    bodies = [{"model": server.model, "prompt": t, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+               "stream_options": {"include_usage": True}} for t in texts]
+    records, wall = asyncio.run(run_load(f"{server.url}/v1/completions", bodies, concurrency=SLOTS))
+    out = summarize(records, wall)
+    cached = [r.cached_tokens for r in records if r.cached_tokens is not None]
+    out["cached_tokens_mean"] = sum(cached) / len(cached) if cached else None
+    return out
+
+
+def turns_of(server: Server) -> dict[str, Any]:
+    records, wall = asyncio.run(run_conversations(f"{server.url}/v1", server.model, ConversationSpec(), SLOTS))
+    return summarize_turns(records, wall)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory_of(texts: list[str], cache_ram_mib: int) -> dict[str, Any]:
+    server = qanat("--cache-ram", str(cache_ram_mib))
+    try:
+        pid = httpx.get(f"{server.url}/health", timeout=5).json()["executor_pid"]
+        start = rss_mib(pid)
+        peak = [start]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak.append(rss_mib(pid))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        bodies = [{"model": server.model, "prompt": t, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+                  for t in texts]
+        asyncio.run(run_load(f"{server.url}/v1/completions", bodies, concurrency=SLOTS))
+        done.set()
+        sampler.join()
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+        held = [line for line in metrics.splitlines() if line.startswith(("qanat_prompt_cache_bytes",
+                                                                          "qanat_prompt_cache_evictions_total"))]
+        return {"cache_ram_mib": cache_ram_mib, "rss_after_start_mib": start, "rss_peak_mib": max(peak),
+                "rss_end_mib": rss_mib(pid), "metrics": held}
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--llama-server", default="/tmp/lls/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/"
+                                                   "llama-server")
+    parser.add_argument("--workloads", default="repeat,turns,disk,memory")
+    parser.add_argument("--seed", type=int, default=15000)
+    parser.add_argument("--out", default="bench/results/prompt_cache.json")
+    args = parser.parse_args()
+    workloads = args.workloads.split(",")
+    model = LlamaModel(default_model_path(), vocab_only=True)
+    texts = [model.detokenize(ids[1:]) for ids in distinct_prompts(model, N_PROMPTS, seed=args.seed)]
+    texts = [model.detokenize(model.tokenize(t, add_special=False)[:PROMPT_TOKENS]) for t in texts]
+    results: dict[str, Any] = {"settings": {"threads": THREADS, "slots": SLOTS, "ctx_per_slot": CTX,
+                                            "prompts": N_PROMPTS, "prompt_tokens": PROMPT_TOKENS,
+                                            "new_tokens": NEW_TOKENS}}
+    targets = [("qanat", lambda: qanat()), ("llama-server", lambda: llama_server(args.llama_server))]
+    for name, start in targets:
+        if not {"repeat", "turns"} & set(workloads):
+            break
+        server = start()
+        try:
+            if "repeat" in workloads:
+                results.setdefault("repeat", {})[name] = [round_of(server, texts), round_of(server, texts)]
+                print(name, "repeat", json.dumps(results["repeat"][name]), flush=True)
+            if "turns" in workloads:
+                results.setdefault("turns", {})[name] = turns_of(server)
+                print(name, "turns", json.dumps(results["turns"][name]), flush=True)
+        finally:
+            server.stop()
+    if "disk" in workloads:
+        cache_dir = tempfile.mkdtemp(prefix="qanat-kv-")
+        disk_texts = [t + " (disk)" for t in texts]  # prompts no earlier run saw
+        first = qanat("--cache-dir", cache_dir)
+        try:
+            cold = round_of(first, disk_texts)
+        finally:
+            first.stop(graceful=True)  # SIGTERM: the free slots are written to disk too
+        second = qanat("--cache-dir", cache_dir)
+        try:
+            warm = round_of(second, disk_texts)
+        finally:
+            second.stop()
+        results["disk"] = {"cold": cold, "after_restart": warm,
+                           "files_mib": sum(p.stat().st_size for p in Path(cache_dir).glob("*.qkv")) / 2**20}
+        print("disk", json.dumps(results["disk"]), flush=True)
+    if "memory" in workloads:
+        many = [model.detokenize(ids[1:]) for ids in distinct_prompts(model, 64, seed=args.seed + 1)]
+        results["memory"] = memory_of(many, 32)
+        print("memory", json.dumps(results["memory"]), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
