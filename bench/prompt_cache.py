@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -69,10 +70,8 @@ class Server:
     def stop(self, graceful: bool = False) -> None:
         if graceful:
             self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()

@@ -88,13 +88,14 @@ async def _stream_turn(client: httpx.AsyncClient, url: str, body: dict[str, Any]
 
 async def run_conversations(base_url: str, model: str, spec: ConversationSpec, concurrency: int,
                             headers: dict[str, str] | None = None, timeout_s: float = 600.0,
-                            ignore_eos: bool = True) -> tuple[list[TurnRecord], float]:
+                            ignore_eos: bool = True, transport: httpx.AsyncBaseTransport | None = None
+                            ) -> tuple[list[TurnRecord], float]:
     """Every conversation runs its turns in order; at most `concurrency` requests are in flight."""
     url = f"{base_url.rstrip('/')}/chat/completions"
     gate = asyncio.Semaphore(concurrency)
     records: list[TurnRecord] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, transport=transport) as client:
         start = time.perf_counter()
 
         async def converse(c: int, questions: list[str]) -> None:
