@@ -127,9 +127,10 @@ class PrefixCache:
         """Record a save about to be sent; entries it holds a superset of are replaced by it."""
         key = entry_key(token_ids)
         ids = np.asarray(token_ids, dtype=np.int32)
-        replaces = tuple(k for k, e in self.entries.items()
-                         if len(e.token_ids) <= len(ids) and _common_prefix(ids, e.token_ids) == len(e.token_ids)
-                         and e.exact_tokens <= exact_tokens)
+        # An entry contained in this one shares its chain up to its own last full block.
+        candidates = set().union(*(self._by_hash.get(h, ()) for h in _chain(token_ids, len(token_ids) // BLOCK_TOKENS)))
+        replaces = tuple(k for k in sorted(candidates) if (e := self.entries[k]) and len(e.token_ids) <= len(ids)
+                         and _common_prefix(ids, e.token_ids) == len(e.token_ids) and e.exact_tokens <= exact_tokens)
         for k in replaces:
             self._remove(k)
         if key not in self.entries:
