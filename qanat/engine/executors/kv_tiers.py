@@ -37,7 +37,7 @@ log = logging.getLogger("qanat.executor")
 
 MAGIC = b"QANATKV1"
 FORMAT_VERSION = 1
-MAX_PENDING_WRITE_BYTES = 256 << 20  # entries waiting for the disk writer beyond what RAM holds
+MAX_PENDING_WRITE_BYTES = 64 << 20  # entries waiting for the disk writer (an evicted one is held until written)
 _HEADER_LEN = struct.Struct("<I")
 
 
