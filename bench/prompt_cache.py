@@ -140,14 +140,61 @@ def memory_of(texts: list[str], cache_ram_mib: int) -> dict[str, Any]:
         server.stop()
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of docs/benchmarks.md, from a results file."""
+    lines: list[str] = []
+
+    def s(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    if "repeat" in results:
+        rep = results["repeat"]
+        lines += ["| server | 1st round tok/s (TTFT p50 s) | 2nd round tok/s (TTFT p50 s) | 2nd round cached tokens |",
+                  "|---|---|---|---|"]
+        for name, (cold, warm) in rep.items():
+            lines.append(f"| {name} | {cold['tokens_per_s']:.1f} ({s(cold['ttft_median_s'])}) | "
+                         f"{warm['tokens_per_s']:.1f} ({s(warm['ttft_median_s'])}) | {s(warm['cached_tokens_mean'])} |")
+        if {"qanat", "llama-server"} <= rep.keys():
+            q, ls = rep["qanat"], rep["llama-server"]
+            lines.append(f"\nqanat / llama-server: 1st round {q[0]['tokens_per_s'] / ls[0]['tokens_per_s']:.2f}x, "
+                         f"2nd round {q[1]['tokens_per_s'] / ls[1]['tokens_per_s']:.2f}x\n")
+    if "turns" in results:
+        turns = results["turns"]
+        names = list(turns)
+        lines += ["| turn | " + " | ".join(f"{n} TTFT p50 s (cached tokens)" for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for i, row in enumerate(turns[names[0]]["turns"]):
+            cells = [f"{s(turns[n]['turns'][i]['ttft_p50_s'])} ({s(turns[n]['turns'][i]['cached_tokens_mean'])})"
+                     for n in names]
+            lines.append(f"| {row['turn']} | " + " | ".join(cells) + " |")
+        lines.append("| turns 2-4 | " + " | ".join(s(turns[n]["ttft_p50_later_turns_s"]) for n in names) + " |")
+        lines.append("| output tok/s | " + " | ".join(f"{turns[n]['output_tokens_per_s']:.1f}" for n in names) + " |")
+    if "disk" in results:
+        d = results["disk"]
+        lines += ["", "| qanat --cache-dir | tok/s | TTFT p50 s | cached tokens |", "|---|---|---|---|",
+                  f"| cold round | {d['cold']['tokens_per_s']:.1f} | {s(d['cold']['ttft_median_s'])} | "
+                  f"{s(d['cold']['cached_tokens_mean'])} |",
+                  f"| same round after a restart | {d['after_restart']['tokens_per_s']:.1f} | "
+                  f"{s(d['after_restart']['ttft_median_s'])} | {s(d['after_restart']['cached_tokens_mean'])} |"]
+    if "memory" in results:
+        m = results["memory"]
+        lines += ["", f"memory (--cache-ram {m['cache_ram_mib']}): executor RSS {m['rss_after_start_mib']:.0f} MiB "
+                  f"after start, peak {m['rss_peak_mib']:.0f}, end {m['rss_end_mib']:.0f}; {m['metrics']}"]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--markdown", help="print the tables of a results file and exit")
     parser.add_argument("--llama-server", default="/tmp/lls/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/"
                                                    "llama-server")
     parser.add_argument("--workloads", default="repeat,turns,disk,memory")
     parser.add_argument("--seed", type=int, default=15000)
     parser.add_argument("--out", default="bench/results/prompt_cache.json")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())), end="")
+        return 0
     workloads = args.workloads.split(",")
     model = LlamaModel(default_model_path(), vocab_only=True)
     texts = [model.detokenize(ids[1:]) for ids in distinct_prompts(model, N_PROMPTS, seed=args.seed)]
@@ -192,6 +239,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
+    print(markdown(results), end="")
     print(f"wrote {out}")
     return 0
 
