@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -32,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_throughput import summarize  # noqa: E402
-from bench.workload import distinct_prompts  # noqa: E402
+from bench.workload import SENTENCES  # noqa: E402
 from qanat.bench.conversation import ConversationSpec, run_conversations, summarize_turns  # noqa: E402
 from qanat.bench.loadgen import run_load  # noqa: E402
 from qanat.engine.executors.llamacpp import LlamaModel  # noqa: E402
@@ -89,13 +90,30 @@ def llama_server(binary: str) -> Server:
                                    "-c", str(SLOTS * CTX), "-nr"])
 
 
+def prompt_texts(model: LlamaModel, n: int, seed: int) -> list[str]:
+    """`n` distinct prompts of PROMPT_TOKENS tokens (BOS included) once the server tokenizes them."""
+    texts = []
+    for i in range(n):
+        rng = random.Random(seed * 100_003 + i)
+        ids = model.tokenize(f"Request {i}. " + " ".join(rng.choice(SENTENCES) for _ in range(60)), False)
+        texts.append(model.detokenize(ids[:PROMPT_TOKENS - 1]))
+    return texts
+
+
 def round_of(server: Server, texts: list[str]) -> dict[str, Any]:
     bodies = [{"model": server.model, "prompt": t, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
                "stream_options": {"include_usage": True}} for t in texts]
     records, wall = asyncio.run(run_load(f"{server.url}/v1/completions", bodies, concurrency=SLOTS))
     out = summarize(records, wall)
+    records.sort(key=lambda r: r.index)
     cached = [r.cached_tokens for r in records if r.cached_tokens is not None]
     out["cached_tokens_mean"] = sum(cached) / len(cached) if cached else None
+    out["cached_tokens"] = cached
+    out["prompt_tokens"] = [r.prompt_tokens for r in records]
+    out["ttft_s"] = [r.ttft_s for r in records]
+    if server.name == "qanat":
+        metrics = httpx.get(f"{server.url}/metrics", timeout=5).text.splitlines()
+        out["metrics"] = [m for m in metrics if m.startswith("qanat_prompt_cache") and "_created" not in m]
     return out
 
 
@@ -189,6 +207,7 @@ def main() -> int:
     parser.add_argument("--llama-server", default="/tmp/lls/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/"
                                                    "llama-server")
     parser.add_argument("--workloads", default="repeat,turns,disk,memory")
+    parser.add_argument("--targets", default="qanat,llama-server")
     parser.add_argument("--seed", type=int, default=15000)
     parser.add_argument("--out", default="bench/results/prompt_cache.json")
     args = parser.parse_args()
@@ -197,15 +216,14 @@ def main() -> int:
         return 0
     workloads = args.workloads.split(",")
     model = LlamaModel(default_model_path(), vocab_only=True)
-    texts = [model.detokenize(ids[1:]) for ids in distinct_prompts(model, N_PROMPTS, seed=args.seed)]
-    texts = [model.detokenize(model.tokenize(t, add_special=False)[:PROMPT_TOKENS]) for t in texts]
+    texts = prompt_texts(model, N_PROMPTS, args.seed)
     results: dict[str, Any] = {"settings": {"threads": THREADS, "slots": SLOTS, "ctx_per_slot": CTX,
                                             "prompts": N_PROMPTS, "prompt_tokens": PROMPT_TOKENS,
                                             "new_tokens": NEW_TOKENS}}
     targets = [("qanat", lambda: qanat()), ("llama-server", lambda: llama_server(args.llama_server))]
     for name, start in targets:
-        if not {"repeat", "turns"} & set(workloads):
-            break
+        if not {"repeat", "turns"} & set(workloads) or name not in args.targets.split(","):
+            continue
         server = start()
         try:
             if "repeat" in workloads:
@@ -233,7 +251,7 @@ def main() -> int:
                            "files_mib": sum(p.stat().st_size for p in Path(cache_dir).glob("*.qkv")) / 2**20}
         print("disk", json.dumps(results["disk"]), flush=True)
     if "memory" in workloads:
-        many = [model.detokenize(ids[1:]) for ids in distinct_prompts(model, 64, seed=args.seed + 1)]
+        many = prompt_texts(model, 64, args.seed + 1)
         results["memory"] = memory_of(many, 32)
         print("memory", json.dumps(results["memory"]), flush=True)
     out = Path(args.out)
