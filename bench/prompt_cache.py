@@ -132,7 +132,7 @@ def rss_mib(pid: int) -> float:
 def memory_of(texts: list[str], cache_ram_mib: int) -> dict[str, Any]:
     server = qanat("--cache-ram", str(cache_ram_mib))
     try:
-        pid = httpx.get(f"{server.url}/health", timeout=5).json()["executor_pid"]
+        pid = httpx.get(f"{server.url}/ready", timeout=5).json()["executor_pid"]
         start = rss_mib(pid)
         peak = [start]
         done = threading.Event()
