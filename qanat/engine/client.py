@@ -155,6 +155,25 @@ class PromptCacheStats:
     failed_restores: int
 
 
+def merge_prompt_cache_stats(parts: Sequence[PromptCacheStats | None]) -> PromptCacheStats | None:
+    """Several engines' prompt caches as one (a router's replicas): every counter and gauge summed per tier."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    tiers = tuple(dict.fromkeys(t for p in present for t in p.tiers))
+
+    def total(field: str) -> dict[str, Any]:
+        return {t: sum(getattr(p, field).get(t, 0) for p in present) for t in tiers
+                if any(t in getattr(p, field) for p in present)}
+
+    return PromptCacheStats(
+        tiers=tiers, hit_tokens=total("hit_tokens"), miss_tokens=total("miss_tokens"), held_bytes=total("held_bytes"),
+        entries=total("entries"), evictions=total("evictions"), restores=total("restores"),
+        restore_s=total("restore_s"), restored_tokens=total("restored_tokens"), saves=sum(p.saves for p in present),
+        save_s=sum(p.save_s for p in present), failed_restores=sum(p.failed_restores for p in present),
+    )
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A metrics snapshot, read at scrape time."""

@@ -184,3 +184,16 @@ def test_an_unwritable_directory_means_no_disk_tier_and_a_warning(tmp_path: Path
     store.apply([save_op(0, tokens)])  # RAM still works
     assert entry_key(tokens) in store.ram
     store.close()
+
+
+def test_a_routers_replicas_caches_add_up() -> None:
+    from qanat.engine.client import merge_prompt_cache_stats
+
+    a, b = PrefixCache(("ram",)), PrefixCache(("ram", "disk"))
+    a.record_admission(10, "ram", 9)
+    b.record_admission(20, "disk", 16)
+    merged = merge_prompt_cache_stats([a.stats(), None, b.stats()])
+    assert merged is not None and merged.tiers == ("slot", "ram", "disk")
+    assert merged.hit_tokens == {"slot": 0, "ram": 9, "disk": 16}
+    assert merged.miss_tokens == {"slot": 30, "ram": 21, "disk": 4}
+    assert merge_prompt_cache_stats([None]) is None
