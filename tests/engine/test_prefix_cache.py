@@ -197,3 +197,17 @@ def test_a_routers_replicas_caches_add_up() -> None:
     assert merged.hit_tokens == {"slot": 0, "ram": 9, "disk": 16}
     assert merged.miss_tokens == {"slot": 30, "ram": 21, "disk": 4}
     assert merge_prompt_cache_stats([None]) is None
+
+
+def test_a_burst_of_saves_beyond_the_writers_backlog_still_reaches_the_disk(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import qanat.engine.executors.kv_tiers as kv_tiers
+
+    monkeypatch.setattr(kv_tiers, "MAX_PENDING_WRITE_BYTES", 500)  # about one 100-token state waiting at a time
+    store, kv = tiers(tmp_path, ram_bytes=0, disk_bytes=1 << 20)
+    for i in range(10):  # the free slots saved at shutdown all at once
+        tokens = list(range(i * 1000, i * 1000 + 100))
+        kv[0][:] = tokens
+        store.apply([save_op(0, tokens)])
+    store.close()
+    assert len(list(tmp_path.glob("*.qkv"))) == 10

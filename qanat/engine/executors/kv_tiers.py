@@ -38,6 +38,7 @@ log = logging.getLogger("qanat.executor")
 MAGIC = b"QANATKV1"
 FORMAT_VERSION = 1
 MAX_PENDING_WRITE_BYTES = 64 << 20  # entries waiting for the disk writer (an evicted one is held until written)
+MAX_WRITE_WAIT_S = 5.0  # how long a save waits for the writer to catch up before leaving its entry out of the disk
 _HEADER_LEN = struct.Struct("<I")
 
 
@@ -253,6 +254,7 @@ class DiskTier:
         self.refused = 0
         self.writable = self._probe()
         self._pending_bytes = 0
+        self._written = threading.Condition(self._lock)
         self._queue: queue.SimpleQueue[tuple[str, _Entry | str] | None] = queue.SimpleQueue()
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, name="qanat-kv-disk", daemon=True)
@@ -301,9 +303,16 @@ class DiskTier:
     def write(self, entry: _Entry) -> None:
         if not self.writable or entry.key in self.entries:
             return
-        with self._lock:
-            if self._pending_bytes + entry.nbytes > MAX_PENDING_WRITE_BYTES:
-                return  # the disk is behind; this entry stays in RAM only
+        with self._written:
+            # Backpressure, bounded: memory held for the writer stays under the limit, and a disk that stalls
+            # costs a step at most MAX_WRITE_WAIT_S once, then its entries stay in RAM only.
+            room = self._written.wait_for(
+                lambda: self._pending_bytes == 0 or self._pending_bytes + entry.nbytes <= MAX_PENDING_WRITE_BYTES,
+                timeout=MAX_WRITE_WAIT_S)
+            if not room:
+                log.warning("prompt cache directory %s: the disk writer is behind; an entry stays in RAM only",
+                            self.directory)
+                return
             self._pending_bytes += entry.nbytes
         self._queue.put(("write", entry))
 
@@ -360,8 +369,9 @@ class DiskTier:
                 if self.writable:
                     self._write(payload)
             finally:
-                with self._lock:
+                with self._written:
                     self._pending_bytes -= payload.nbytes
+                    self._written.notify_all()
 
     def _write(self, entry: _Entry) -> None:
         path = self.path_for(entry.key)
