@@ -16,9 +16,11 @@ from qanat.config import EngineConfig, RuntimeInfo, ServerConfig
 from qanat.energy.accounting import EnergyAccountant
 from qanat.engine.client import EngineClient
 from qanat.engine.core.loop import EngineCore
+from qanat.engine.core.prefix_cache import PrefixCache
 from qanat.engine.core.scheduler import Scheduler
 from qanat.engine.executors.base import Executor, Tokenizer
 from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
+from qanat.engine.executors.kv_tiers import TierSettings
 from qanat.engine.executors.process import ProcessExecutor
 from qanat.engine.local import LocalEngine
 from qanat.engine.remote import RemoteEngine, RemoteSettings
@@ -47,7 +49,7 @@ def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> Loc
         # sequence's decode past 512 cells): a token's numbers would depend on what shares its pass.
         flash_attn="off" if config.deterministic else config.flash_attn,
     )
-    spec = LlamaCppSpec(path, settings, config.energy_meter, config.cpu_tdp_w)
+    spec = LlamaCppSpec(path, settings, config.energy_meter, config.cpu_tdp_w, tier_settings(config))
     tokenizer = LlamaTokenizer(path)
     try:
         executor: Executor = spec.create() if in_process else ProcessExecutor(spec)
@@ -55,6 +57,10 @@ def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> Loc
         tokenizer.close()
         raise
     return assemble(config, model_id_for(path), path, tokenizer, executor)
+
+
+def tier_settings(config: EngineConfig) -> TierSettings:
+    return TierSettings(config.cache_ram_mib * 2**20, config.cache_dir, config.cache_disk_mib * 2**20)
 
 
 def load_gguf_tokenizer(path: Path) -> LlamaTokenizer:
@@ -67,7 +73,8 @@ def load_gguf_tokenizer(path: Path) -> LlamaTokenizer:
 def build_fake_engine(config: EngineConfig, spec: FakeSpec | None = None, in_process: bool = True,
                       model_id: str = "fake-model") -> LocalEngine:
     """The deterministic fake model (no weights): in this process, or in a child to test crashes."""
-    spec = spec or FakeSpec(num_slots=config.parallel, context_length=config.ctx, batch_tokens=config.batch_tokens)
+    spec = spec or FakeSpec(num_slots=config.parallel, context_length=config.ctx, batch_tokens=config.batch_tokens,
+                            tiers=tier_settings(config))
     executor: Executor = spec.create() if in_process else ProcessExecutor(spec)
     return assemble(config, model_id, Path("fake"), FakeTokenizer(), executor)
 
@@ -82,7 +89,10 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
     )
     template_parts = tokenizer.chat_template()
     chat_template = ChatTemplate(*template_parts) if template_parts is not None else None
-    scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic)
+    # Deterministic mode restores whole prompt chunks only: one computed alone from the same start has the same bits.
+    prefix_cache = PrefixCache(config.cache_tiers, block_multiple=facts.batch_tokens if config.deterministic else 1)
+    scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic,
+                          prefix_cache)
     core = EngineCore(scheduler, executor, tokenizer, EnergyAccountant(facts.energy_source),
                       max_in_flight=facts.num_slots + config.max_waiting)
     return LocalEngine(runtime, tokenizer, chat_template, core)

@@ -30,6 +30,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="where per-request joules come from (auto: NVML, then RAPL, then a CPU-time estimate)")
     parser.add_argument("--cpu-tdp-w", type=float, default=None,
                         help="CPU package TDP in watts for the estimate (default: from a built-in table)")
+    parser.add_argument("--cache-ram", type=int, default=defaults.cache_ram_mib, metavar="MIB",
+                        help="prompt cache beyond the slots, in host RAM (MiB; 0 = none; default: 8192 or an eighth "
+                             "of this machine's memory)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="prompt cache on disk, kept across restarts (files checked against model and build)")
+    parser.add_argument("--cache-disk", type=int, default=defaults.cache_disk_mib, metavar="MIB",
+                        help="the most --cache-dir holds (MiB), least recently used evicted")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -37,6 +44,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, ctx=args.ctx, parallel=args.parallel, threads=args.threads,
         batch_tokens=args.batch, max_waiting=args.max_waiting, energy_meter=args.energy_meter,
         cpu_tdp_w=args.cpu_tdp_w, flash_attn=args.flash_attn, deterministic=args.deterministic,
+        cache_ram_mib=args.cache_ram, cache_dir=args.cache_dir, cache_disk_mib=args.cache_disk,
     )
 
 
@@ -124,6 +132,8 @@ def _bench(args: argparse.Namespace) -> int:
     if not args.url:
         print("qanat bench: --url is required (an OpenAI-compatible base URL)", file=sys.stderr)
         return 2
+    if args.turns:
+        return _bench_conversations(args)
     try:
         config = BenchConfig(
             url=args.url, model=args.model, api_key=args.api_key, endpoint=args.endpoint,
@@ -153,6 +163,43 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"wrote {path}", file=sys.stderr)
     failed = sum(run["aggregate"]["failed"] for run in result["runs"])
     return 1 if failed and not any(run["aggregate"]["completed"] for run in result["runs"]) else 0
+
+
+def _bench_conversations(args: argparse.Namespace) -> int:
+    """`qanat bench --turns T --conversations N`: the multi-turn workload."""
+    import json
+    from dataclasses import asdict
+
+    from qanat.bench.conversation import (
+        ConversationSpec,
+        conversations_markdown,
+        records_json,
+        run_conversations,
+        summarize_turns,
+    )
+    from qanat.bench.runner import BenchConfig, BenchError, _resolve_model
+
+    try:
+        spec = ConversationSpec(conversations=args.conversations, turns=args.turns,
+                                output_tokens=args.output_tokens, seed=args.seed)
+        concurrency = int((args.concurrency or str(spec.conversations)).split(",")[0])
+        config = BenchConfig(url=args.url, model=args.model, api_key=args.api_key, concurrency=(concurrency,))
+        model = _resolve_model(config)
+    except (ValueError, BenchError) as e:
+        print(f"qanat bench: {e}", file=sys.stderr)
+        return 2
+    records, wall_s = asyncio.run(run_conversations(config.base_url, model, spec, concurrency, config.headers,
+                                                    args.timeout, ignore_eos=not args.no_ignore_eos))
+    summary = summarize_turns(records, wall_s)
+    print(conversations_markdown(summary), end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "conversations.json").write_text(json.dumps({"spec": asdict(spec),
+                                                            "summary": summary, "turns": records_json(records)},
+                                                           indent=1))
+        print(f"wrote {out / 'conversations.json'}", file=sys.stderr)
+    return 0 if summary["completed"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="the runs `qanat plan --calibrate` needs: prefill at 4 prompt lengths, decode at each "
                             "--concurrency (default 1,4,16,64) at short and long context, power")
     bench.add_argument("--sweep-max-input", type=int, default=1024, help="longest prompt of --sweep, in tokens")
+    bench.add_argument("--turns", type=int, default=0,
+                       help="multi-turn workload: each conversation sends this many turns, each re-sending the history "
+                            "and the previous answer (reports TTFT per turn; --concurrency bounds requests in flight)")
+    bench.add_argument("--conversations", type=int, default=16, help="conversations of the multi-turn workload")
     bench.set_defaults(run=_bench)
 
     plan = commands.add_parser("plan", help="which chip, how many, at what latency, joules and price (predicted)")

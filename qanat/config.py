@@ -11,6 +11,15 @@ from qanat.energy.meters import METER_KINDS
 FLASH_ATTN_MODES = ("auto", "on", "off")  # llama.cpp's flash attention
 
 
+def default_cache_ram_mib() -> int:
+    """The prompt cache's RAM tier by default: llama-server's 8 GiB, or an eighth of this machine's memory."""
+    try:
+        total_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):
+        return 1024
+    return int(min(8192, total_mib // 8))
+
+
 class ConfigError(ValueError):
     pass
 
@@ -32,6 +41,9 @@ class EngineConfig:
     deterministic: bool = False  # results independent of other traffic: flash attention off, no prefix cache
     energy_meter: str = "auto"  # auto | nvml | rapl | estimate
     cpu_tdp_w: float | None = None  # for the CPU-time estimate; None = from the built-in table
+    cache_ram_mib: int = field(default_factory=default_cache_ram_mib)  # prompt cache beyond the slots; 0 = none
+    cache_dir: str | None = None  # the prompt cache's disk tier (survives restarts); None = none
+    cache_disk_mib: int = 16384  # the most the disk tier holds
 
     def __post_init__(self) -> None:
         _require(32 <= self.ctx <= 1_048_576, f"--ctx must be between 32 and 1048576, got {self.ctx}")
@@ -50,6 +62,15 @@ class EngineConfig:
                  f"--energy-meter must be one of {', '.join(METER_KINDS)}, got {self.energy_meter!r}")
         _require(self.cpu_tdp_w is None or 1 <= self.cpu_tdp_w <= 2000,
                  f"--cpu-tdp-w must be between 1 and 2000 W, got {self.cpu_tdp_w}")
+        _require(0 <= self.cache_ram_mib <= 16_777_216,
+                 f"--cache-ram must be in 0..16777216 MiB, got {self.cache_ram_mib}")
+        _require(1 <= self.cache_disk_mib <= 1 << 30, f"--cache-disk must be >= 1 MiB, got {self.cache_disk_mib}")
+        _require(self.cache_dir is None or bool(self.cache_dir.strip()), "--cache-dir must not be empty")
+
+    @property
+    def cache_tiers(self) -> tuple[str, ...]:
+        """The prompt cache's tiers beyond the slots."""
+        return (("ram",) if self.cache_ram_mib else ()) + (("disk",) if self.cache_dir else ())
 
 
 @dataclass(frozen=True)

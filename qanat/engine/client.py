@@ -138,6 +138,43 @@ class EngineLoad:
 
 
 @dataclass(frozen=True)
+class PromptCacheStats:
+    """Counters since start; per tier of `tiers` (slot, then ram and disk when configured)."""
+
+    tiers: tuple[str, ...]
+    hit_tokens: dict[str, int]  # prompt tokens reused from the tier (their sum is the cached tokens)
+    miss_tokens: dict[str, int]  # prompt tokens the tier was asked for and did not give
+    held_bytes: dict[str, int]  # bytes the tier holds now (ram, disk)
+    entries: dict[str, int]
+    evictions: dict[str, int]
+    restores: dict[str, int]
+    restore_s: dict[str, float]
+    restored_tokens: dict[str, int]
+    saves: int
+    save_s: float
+    failed_restores: int
+
+
+def merge_prompt_cache_stats(parts: Sequence[PromptCacheStats | None]) -> PromptCacheStats | None:
+    """Several engines' prompt caches as one (a router's replicas): every counter and gauge summed per tier."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    tiers = tuple(dict.fromkeys(t for p in present for t in p.tiers))
+
+    def total(field: str) -> dict[str, Any]:
+        return {t: sum(getattr(p, field).get(t, 0) for p in present) for t in tiers
+                if any(t in getattr(p, field) for p in present)}
+
+    return PromptCacheStats(
+        tiers=tiers, hit_tokens=total("hit_tokens"), miss_tokens=total("miss_tokens"), held_bytes=total("held_bytes"),
+        entries=total("entries"), evictions=total("evictions"), restores=total("restores"),
+        restore_s=total("restore_s"), restored_tokens=total("restored_tokens"), saves=sum(p.saves for p in present),
+        save_s=sum(p.save_s for p in present), failed_restores=sum(p.failed_restores for p in present),
+    )
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """A metrics snapshot, read at scrape time."""
 
@@ -149,6 +186,7 @@ class EngineStats:
     steps: int
     step_s: float  # wall time of engine steps, executor included
     boundary_s: float  # of which: crossing the process boundary (0 in-process)
+    prompt_cache: PromptCacheStats | None = None  # tiers beyond the slots, when configured
 
 
 class EngineClient(Protocol):

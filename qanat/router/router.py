@@ -35,6 +35,7 @@ from qanat.engine.client import (
     RelayedStream,
     RequestHints,
     TokenPrompt,
+    merge_prompt_cache_stats,
 )
 from qanat.engine.errors import EngineUnavailableError, QueueFullError, RequestFailedError
 from qanat.engine.remote import RemoteEngine
@@ -373,6 +374,7 @@ class ModelRouter:
             prompt_tokens=sum(p.prompt_tokens for p in parts), energy=energy,
             executor_restarts=sum(p.executor_restarts for p in parts), steps=sum(p.steps for p in parts),
             step_s=sum(p.step_s for p in parts), boundary_s=sum(p.boundary_s for p in parts),
+            prompt_cache=merge_prompt_cache_stats([p.prompt_cache for p in parts]),
         )
 
     def shutdown(self) -> None:

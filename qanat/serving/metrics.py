@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from qanat.engine.client import EngineStats
+from qanat.engine.client import EngineStats, PromptCacheStats
 from qanat.router.metrics import RouterMetrics
 
 
@@ -55,6 +55,41 @@ class _EngineCollector(Collector):
                                       labels=["source"])
         per_joule.add_metric([energy.source], energy.tokens / energy.attributed_j if energy.attributed_j else 0.0)
         yield per_joule
+        if stats.prompt_cache is not None:
+            yield from _prompt_cache_families(stats.prompt_cache)
+
+
+def _prompt_cache_families(cache: PromptCacheStats) -> Iterator[Metric]:
+    """The prompt cache per tier: slot (hot), ram (warm), disk (cold). Tiers are asked in that order, each for the
+    prompt tokens the faster ones did not give, so a tier's hits + misses are the tokens it was asked for."""
+    def per_tier(family: CounterMetricFamily | GaugeMetricFamily, values: Mapping[str, float]
+                 ) -> CounterMetricFamily | GaugeMetricFamily:
+        for tier, value in values.items():
+            family.add_metric([tier], value)
+        return family
+
+    yield per_tier(CounterMetricFamily("qanat_prompt_cache_hit_tokens", "Prompt tokens reused from this tier",
+                                       labels=["tier"]), cache.hit_tokens)
+    yield per_tier(CounterMetricFamily("qanat_prompt_cache_miss_tokens",
+                                       "Prompt tokens this tier was asked for and did not give", labels=["tier"]),
+                   cache.miss_tokens)
+    yield per_tier(GaugeMetricFamily("qanat_prompt_cache_bytes", "Bytes of KV this tier holds", labels=["tier"]),
+                   cache.held_bytes)
+    yield per_tier(GaugeMetricFamily("qanat_prompt_cache_entries", "Saved prefixes this tier holds",
+                                     labels=["tier"]), cache.entries)
+    yield per_tier(CounterMetricFamily("qanat_prompt_cache_evictions", "Entries evicted (least recently used)",
+                                       labels=["tier"]), cache.evictions)
+    yield per_tier(CounterMetricFamily("qanat_prompt_cache_restores", "Entries restored into a slot",
+                                       labels=["tier"]), cache.restores)
+    yield per_tier(CounterMetricFamily("qanat_prompt_cache_restore_seconds",
+                                       "Time restoring entries into slots (disk: reading the file included)",
+                                       labels=["tier"]), cache.restore_s)
+    yield per_tier(CounterMetricFamily("qanat_prompt_cache_restored_tokens", "Tokens restored into slots",
+                                       labels=["tier"]), cache.restored_tokens)
+    yield CounterMetricFamily("qanat_prompt_cache_saves", "Slots saved before being overwritten", cache.saves)
+    yield CounterMetricFamily("qanat_prompt_cache_save_seconds", "Time copying slots' KV out", cache.save_s)
+    yield CounterMetricFamily("qanat_prompt_cache_failed_restores",
+                              "Restores that failed (the prompt was computed instead)", cache.failed_restores)
 
 
 class ServerMetrics:

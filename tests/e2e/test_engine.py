@@ -40,7 +40,8 @@ LOGPROB_TOLERANCE = 0.25
 
 @pytest.fixture(scope="module")
 def no_flash() -> Iterator[Engine]:
-    eng = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=8, threads=2, flash_attn="off"))
+    # No prompt cache beyond the slots: a test below overwrites every slot to run a question cold again.
+    eng = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=8, threads=2, flash_attn="off", cache_ram_mib=0))
     yield eng
     eng.shutdown()
 

@@ -114,6 +114,7 @@ class EngineCore:
             load=self.load(), prefix_cache_hit_tokens=self._prefix_hit_tokens, prompt_tokens=self._prompt_tokens,
             energy=self.energy.totals(), executor_restarts=self.executor.restarts, steps=self._steps,
             step_s=self._step_s, boundary_s=getattr(self.executor, "boundary_s", 0.0),
+            prompt_cache=self.scheduler.prefix_cache.stats() if self.scheduler.prefix_cache.enabled else None,
         )
 
     def shutdown(self) -> None:
@@ -121,11 +122,13 @@ class EngineCore:
             self._stopping = True
         self._wake.set()
         self._thread.join(timeout=30)
+        self._flush_slots()
         self.executor.close()
 
     # -- engine thread --------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._sync_tiers()
         self._unavailable = None
         while not self._stopping:
             if not self.scheduler.has_work and self._commands.empty():
@@ -159,6 +162,10 @@ class EngineCore:
         finally:
             self._steps += 1
             self._step_s += time.perf_counter() - start_s
+        if result.kv_cache is not None:
+            self.scheduler.prefix_cache.apply(result.kv_cache)
+            if result.kv_cache.failed_restores:
+                plan = self.scheduler.restore_failed(plan, result.kv_cache.failed_restores)
         self._book_energy(plan, result)
         for request_id, refusal in result.refused.items():
             self._end(self._streams[request_id].request, FinishReason.ERROR,
@@ -237,12 +244,37 @@ class EngineCore:
             except ExecutorStartError as e:
                 log.error("executor restart failed: %s", e)
                 continue
+            self._sync_tiers()
             self._unavailable = None
             log.info("executor restarted (%d restarts so far)", self.executor.restarts)
             return
         self._unavailable = "the executor could not be restarted"
         with self._lock:
             self._stopping = True  # no executor: new requests are refused, the waiting ones fail below
+
+    def _sync_tiers(self) -> None:
+        """An empty step, so that a new executor's report (what its disk tier holds) is known before admitting."""
+        if "disk" not in self.scheduler.prefix_cache.tiers:
+            return
+        try:
+            result = self.executor.execute(StepBatch(cache_ops=[], chunks=[]))
+        except Exception as e:  # a dead executor is found by the next step or liveness check
+            log.warning("could not read the prompt cache's tiers: %s", e)
+            return
+        self.energy.record(result.energy.idle_j, result.energy.busy_j, {})
+        if result.kv_cache is not None:
+            self.scheduler.prefix_cache.apply(result.kv_cache)
+
+    def _flush_slots(self) -> None:
+        """Before shutting down: the free slots' KV to the tiers (a disk tier keeps it for the next start)."""
+        if "disk" not in self.scheduler.prefix_cache.tiers or self.scheduler.running or not self.executor.is_alive():
+            return
+        ops = self.scheduler.flush_ops()
+        if ops:
+            try:
+                self.executor.execute(StepBatch(cache_ops=ops, chunks=[]))
+            except Exception as e:
+                log.warning("could not save the slots' prompt cache before shutting down: %s", e)
 
     def _publish(self, outputs: list[StepOutput], texts: dict[str, str], logprobs: dict[str, SampledLogprobs]
                  ) -> None:
@@ -255,6 +287,8 @@ class EngineCore:
             if len(request.output_ids) == 1:
                 self._prefix_hit_tokens += request.num_cached_tokens
                 self._prompt_tokens += request.num_prompt_tokens
+                self.scheduler.prefix_cache.record_admission(request.num_prompt_tokens, request.cached_from,
+                                                             request.num_cached_tokens)
             text = texts[request.request_id]
             if out.finished:
                 text += stream.detokenizer.flush()

@@ -28,6 +28,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (prompt and output)
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache
+    cached_from: str | None = None  # the prompt cache tier they came from: slot, ram or disk
     slot: int | None = None  # llama.cpp sequence id while admitted
     finish_reason: FinishReason | None = None
     error: RequestError | None = None

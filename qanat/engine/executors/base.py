@@ -22,12 +22,25 @@ class ExecutorStartError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class KVSave:
+    """Store a sequence's KV beyond the slots (the prompt cache's RAM tier, and its disk tier when there is one)."""
+
+    key: str  # names the entry in every tier (and its file on disk): a hash of `token_ids`
+    token_ids: tuple[int, ...]  # what the sequence holds, from position 0
+    exact_tokens: int  # of which computed as whole prompt chunks (deterministic mode may restore only those)
+    replaces: tuple[str, ...] = ()  # entries this one holds a superset of: dropped once it is stored
+
+
+@dataclass(frozen=True)
 class CacheOp:
-    """Prepare a sequence before the batch: optionally copy another sequence's KV, then keep `keep` tokens."""
+    """Prepare a sequence before the batch: optionally save what it holds (`save`), then load a stored entry
+    (`restore_key`) or copy another sequence's KV (`copy_from`), then keep `keep` tokens."""
 
     seq_id: int
     keep: int
     copy_from: int | None = None
+    save: KVSave | None = None
+    restore_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,12 +88,37 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class TierEvent:
+    """A change in what a prompt-cache tier beyond the slots holds, reported up with a step's result."""
+
+    key: str
+    tier: str  # "ram" | "disk"
+    held: bool  # the tier holds the entry now (stored, promoted, found on disk), or no longer does (evicted)
+    nbytes: int = 0
+    token_ids: tuple[int, ...] | None = None  # an entry the core has not seen: found on disk at start
+    exact_tokens: int = 0
+    reason: str = ""  # when no longer held: evicted (least recently used), replaced, failed
+
+
+@dataclass(frozen=True)
+class KVCacheReport:
+    """What the tiers beyond the slots did during one step."""
+
+    events: list[TierEvent] = field(default_factory=list)
+    failed_restores: list[int] = field(default_factory=list)  # seq ids left empty: their chunks were not run
+    restore_s: dict[str, float] = field(default_factory=dict)  # tier -> seconds spent restoring entries
+    save_s: float = 0.0
+    restored_tokens: dict[str, int] = field(default_factory=dict)  # tier -> tokens restored
+
+
+@dataclass(frozen=True)
 class StepResult:
     sampled: dict[str, int]  # request_id -> next token
     logprobs: dict[str, SampledLogprobs]  # only for requests that asked
     refused: dict[str, Refusal] = field(default_factory=dict)  # new requests it cannot run (their chunks skipped)
     energy: StepEnergy = StepEnergy()
     compute_s: float = 0.0  # wall time inside execute, as the executor measured it
+    kv_cache: KVCacheReport | None = None  # None when the executor keeps no tiers beyond its slots
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ token fed to the wrong sequence changes what it generates. Each step costs a fix
 from __future__ import annotations
 
 import hashlib
+import mmap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from qanat.engine.executors.base import (
     StepEnergy,
     StepResult,
 )
+from qanat.engine.executors.kv_tiers import KVTiers, TierSettings
 from qanat.engine.sampling import SamplingParams
 
 # Vocabulary: 4 special tokens, then one token per byte.
@@ -70,6 +72,8 @@ class FakeSpec:
     joules_per_step: float = 1.0  # each step's energy: this + joules_per_token per token
     joules_per_token: float = 0.01
     idle_joules_per_step: float = 0.5  # reported as idle before each step
+    tiers: TierSettings = field(default_factory=TierSettings)  # the prompt cache beyond the slots
+    identity: str = "fake-model"  # what its disk tier's files are checked against
 
     def create(self) -> FakeExecutor:
         return FakeExecutor(self)
@@ -107,17 +111,25 @@ class FakeExecutor:
         self.samplers: dict[str, _FakeSampler] = {}
         self.steps = 0
         self.restarts = 0
+        self.tiers = self._tiers()
+
+    def _tiers(self) -> KVTiers:
+        identity: dict[str, str | int] = {"model": self.spec.identity, "context_length": self.spec.context_length}
+        return KVTiers(_FakeSequences(self.kv), self.spec.tiers, identity)
 
     def is_alive(self) -> bool:
         return True
 
     def restart(self) -> None:
+        self.tiers.close()
         self.kv = {i: [] for i in range(self.spec.num_slots)}
         self.samplers.clear()
         self.restarts += 1
+        self.tiers = self._tiers()
 
     def close(self) -> None:
         self.samplers.clear()
+        self.tiers.close()
 
     def execute(self, batch: StepBatch) -> StepResult:
         start_s = time.perf_counter()
@@ -131,11 +143,8 @@ class FakeExecutor:
                                               params.constraint.param or "response_format")
             else:
                 self.samplers[request_id] = _FakeSampler(params)
-        for op in batch.cache_ops:
-            if op.copy_from is not None:
-                self.kv[op.seq_id] = list(self.kv[op.copy_from])
-            del self.kv[op.seq_id][op.keep:]
-        chunks = [c for c in batch.chunks if c.request_id not in refused]
+        failed = self.tiers.apply(batch.cache_ops)
+        chunks = [c for c in batch.chunks if c.request_id not in refused and c.seq_id not in failed]
         n_tokens = sum(len(c.token_ids) for c in chunks)
         if n_tokens > self.spec.batch_tokens:
             raise RuntimeError(f"batch has {n_tokens} tokens, more than {self.spec.batch_tokens}")
@@ -161,4 +170,30 @@ class FakeExecutor:
             time.sleep(self.spec.step_delay_s)
         spec = self.spec
         energy = StepEnergy(spec.idle_joules_per_step, spec.joules_per_step + spec.joules_per_token * n_tokens)
-        return StepResult(sampled, logprobs, refused, energy, time.perf_counter() - start_s)
+        return StepResult(sampled, logprobs, refused, energy, time.perf_counter() - start_s,
+                          self.tiers.take_report())
+
+
+class _FakeSequences:
+    """The fake's "KV" (token lists) as the tiers see sequences: a state is the tokens as int32."""
+
+    def __init__(self, kv: dict[int, list[int]]) -> None:
+        self.kv = kv
+
+    def state_size(self, seq_id: int) -> int:
+        return 4 * len(self.kv[seq_id])
+
+    def read_state(self, seq_id: int, dst: mmap.mmap) -> int:
+        data = np.asarray(self.kv[seq_id], dtype="<i4").tobytes()
+        dst[:len(data)] = data
+        return len(data)
+
+    def write_state(self, seq_id: int, src: mmap.mmap, nbytes: int) -> bool:
+        self.kv[seq_id][:] = np.frombuffer(src[:nbytes], dtype="<i4").tolist()
+        return True
+
+    def copy(self, src_seq_id: int, dst_seq_id: int) -> None:
+        self.kv[dst_seq_id][:] = self.kv[src_seq_id]
+
+    def keep(self, seq_id: int, n_tokens: int) -> None:
+        del self.kv[seq_id][n_tokens:]

@@ -9,11 +9,13 @@ vocabulary alone, for the caller's side of the boundary.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
+import mmap
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from qanat.engine.executors.base import (
     StepMeter,
     StepResult,
 )
+from qanat.engine.executors.kv_tiers import KVTiers, TierSettings
 from qanat.engine.sampling import ConstraintKind, OutputConstraint, SamplingParams
 
 llama_logger.logger.setLevel(logging.ERROR)  # llama.cpp's load-time chatter, unless it is an error
@@ -276,6 +279,7 @@ class LlamaCppSpec:
     settings: ContextSettings
     energy_meter: str = "auto"
     cpu_tdp_w: float | None = None
+    tiers: TierSettings = field(default_factory=TierSettings)  # the prompt cache beyond the slots
 
     def create(self) -> LlamaCppExecutor:
         return LlamaCppExecutor(self)
@@ -333,6 +337,8 @@ class LlamaCppExecutor:
         )
         self.samplers: dict[str, RequestSampler] = {}
         self.restarts = 0
+        self.tiers = KVTiers(_LlamaSequences(self.ctx, self.memory), spec.tiers,
+                             _state_identity(spec.model_path, settings, self.context_length))
 
     def is_alive(self) -> bool:
         return self.ctx is not None
@@ -341,6 +347,7 @@ class LlamaCppExecutor:
         raise ExecutorStartError("an in-process llama.cpp executor cannot restart; run it in a ProcessExecutor")
 
     def close(self) -> None:
+        self.tiers.close()  # waits for the disk tier's pending writes
         for sampler in self.samplers.values():
             sampler.close()
         self.samplers.clear()
@@ -363,16 +370,13 @@ class LlamaCppExecutor:
             except InvalidRequestError as e:
                 refused[request_id] = Refusal(str(e), e.param)
         sampled, logprobs = self._run(batch, refused)
-        return StepResult(sampled, logprobs, refused, self.meter.end(idle_j), time.perf_counter() - start_s)
+        return StepResult(sampled, logprobs, refused, self.meter.end(idle_j), time.perf_counter() - start_s,
+                          self.tiers.take_report())
 
     def _run(self, batch: StepBatch, refused: dict[str, Refusal]
              ) -> tuple[dict[str, int], dict[str, SampledLogprobs]]:
-        for op in batch.cache_ops:
-            if op.copy_from is not None:
-                # Across streams llama.cpp copies whole sequences only; the tail is trimmed just below.
-                llama_cpp.llama_memory_seq_cp(self.memory, op.copy_from, op.seq_id, -1, -1)
-            llama_cpp.llama_memory_seq_rm(self.memory, op.seq_id, op.keep, -1)
-        chunks = [c for c in batch.chunks if c.request_id not in refused]
+        failed = self.tiers.apply(batch.cache_ops)  # saves, restores, copies, trims; in order
+        chunks = [c for c in batch.chunks if c.request_id not in refused and c.seq_id not in failed]
         if not chunks:
             return {}, {}
 
@@ -419,6 +423,54 @@ class LlamaCppExecutor:
                 token = llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, index)
             sampled[request_id] = token
         return sampled, logprobs
+
+
+class _LlamaSequences:
+    """llama.cpp's sequences as the prompt cache's tiers use them (`kv_tiers.SequenceKV`)."""
+
+    def __init__(self, ctx: Any, memory: Any) -> None:
+        self.ctx = ctx
+        self.memory = memory
+
+    def state_size(self, seq_id: int) -> int:
+        return int(llama_cpp.llama_state_seq_get_size_ext(self.ctx, seq_id, 0))
+
+    def read_state(self, seq_id: int, dst: mmap.mmap) -> int:
+        buf = (ctypes.c_uint8 * len(dst)).from_buffer(dst)
+        try:
+            return int(llama_cpp.llama_state_seq_get_data_ext(self.ctx, buf, len(dst), seq_id, 0))
+        finally:
+            del buf  # release the mapping's export, so it can be unmapped
+
+    def write_state(self, seq_id: int, src: mmap.mmap, nbytes: int) -> bool:
+        buf = (ctypes.c_uint8 * len(src)).from_buffer(src)
+        try:
+            # It clears the sequence first; 0 means the state did not fit or did not parse (the sequence is empty).
+            return int(llama_cpp.llama_state_seq_set_data_ext(self.ctx, buf, nbytes, seq_id, 0)) == nbytes
+        finally:
+            del buf
+
+    def copy(self, src_seq_id: int, dst_seq_id: int) -> None:
+        # Across streams llama.cpp copies whole sequences only; the tail is trimmed by the next `keep`.
+        llama_cpp.llama_memory_seq_cp(self.memory, src_seq_id, dst_seq_id, -1, -1)
+
+    def keep(self, seq_id: int, n_tokens: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, n_tokens, -1)
+
+
+def _state_identity(model_path: Path, settings: ContextSettings, context_length: int) -> dict[str, str | int]:
+    """What a saved sequence state depends on: its disk files are refused under anything else. The model file
+    (size and a hash of its first MiB: the GGUF header, its metadata and the first tensors), the llama.cpp
+    build, and the settings that shape the KV (cells per sequence, flash attention transposes V)."""
+    with model_path.open("rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    lib = Path(llama_cpp.llama_cpp._lib._name)  # type: ignore[attr-defined]
+    return {
+        "model_bytes": model_path.stat().st_size, "model_sha256_1mib": head,
+        "llama_cpp": llama_cpp.__version__, "libllama_bytes": lib.stat().st_size if lib.exists() else 0,
+        "system": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "context_length": context_length, "flash_attn": settings.flash_attn, "kv_type": "f16",
+    }
 
 
 def _chip(threads: int) -> str:
