@@ -17,6 +17,7 @@ from qanat.energy.accounting import EnergyAccountant
 from qanat.engine.client import EngineClient
 from qanat.engine.core.loop import EngineCore
 from qanat.engine.core.scheduler import Scheduler
+from qanat.engine.core.speculation import NGRAM_MAX, SpeculationConfig, Speculator
 from qanat.engine.executors.base import Executor, Tokenizer
 from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
 from qanat.engine.executors.process import ProcessExecutor
@@ -81,7 +82,12 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
     )
     template_parts = tokenizer.chat_template()
     chat_template = ChatTemplate(*template_parts) if template_parts is not None else None
-    scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic)
+    speculator = None
+    if config.speculative != "off":
+        speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min,
+                                                  max(config.ngram_min, NGRAM_MAX)))
+    scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic,
+                          speculator)
     core = EngineCore(scheduler, executor, tokenizer, EnergyAccountant(facts.energy_source),
                       max_in_flight=facts.num_slots + config.max_waiting)
     return LocalEngine(runtime, tokenizer, chat_template, core)

@@ -11,6 +11,7 @@ from pathlib import Path
 from qanat.config import FLASH_ATTN_MODES, ConfigError, EngineConfig, ServerConfig
 from qanat.energy.carbon import CarbonModel
 from qanat.energy.meters import METER_KINDS
+from qanat.engine.core.speculation import SPECULATIVE_MODES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="where per-request joules come from (auto: NVML, then RAPL, then a CPU-time estimate)")
     parser.add_argument("--cpu-tdp-w", type=float, default=None,
                         help="CPU package TDP in watts for the estimate (default: from a built-in table)")
+    parser.add_argument("--speculative", default=defaults.speculative, choices=SPECULATIVE_MODES,
+                        help="speculative decoding: ngram drafts tokens by prompt lookup and verifies them in the "
+                             "step, only where that pays (see docs/benchmarks.md)")
+    parser.add_argument("--draft-max", type=int, default=defaults.draft_max,
+                        help="most drafted tokens per request and step")
+    parser.add_argument("--ngram-min", type=int, default=defaults.ngram_min,
+                        help="shortest n-gram that prompt lookup matches")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -37,6 +45,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, ctx=args.ctx, parallel=args.parallel, threads=args.threads,
         batch_tokens=args.batch, max_waiting=args.max_waiting, energy_meter=args.energy_meter,
         cpu_tdp_w=args.cpu_tdp_w, flash_attn=args.flash_attn, deterministic=args.deterministic,
+        speculative=args.speculative, draft_max=args.draft_max, ngram_min=args.ngram_min,
     )
 
 

@@ -149,6 +149,9 @@ class EngineStats:
     steps: int
     step_s: float  # wall time of engine steps, executor included
     boundary_s: float  # of which: crossing the process boundary (0 in-process)
+    spec_drafts: int = 0  # speculative decoding: verifications that carried drafted tokens
+    spec_draft_tokens: int = 0  # drafted tokens verified
+    spec_accepted_tokens: int = 0  # of which kept
 
 
 class EngineClient(Protocol):

@@ -300,6 +300,8 @@ class ModelRouter:
             prompt_tokens=sum(p.prompt_tokens for p in parts), energy=energy,
             executor_restarts=sum(p.executor_restarts for p in parts), steps=sum(p.steps for p in parts),
             step_s=sum(p.step_s for p in parts), boundary_s=sum(p.boundary_s for p in parts),
+            spec_drafts=sum(p.spec_drafts for p in parts), spec_draft_tokens=sum(p.spec_draft_tokens for p in parts),
+            spec_accepted_tokens=sum(p.spec_accepted_tokens for p in parts),
         )
 
     def shutdown(self) -> None:
