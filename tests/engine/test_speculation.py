@@ -57,9 +57,9 @@ def test_ngram_index_continues_the_longest_latest_match() -> None:
     tokens = [1, 2, 3, 4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]
     index.extend(tokens)
     # "1 2 3" (3-gram) last occurred at the start, followed by 4 9 9; "2 3" alone would point at "5 6".
-    assert index.draft(tokens, 3) == [4, 9, 9]
-    assert index.draft(tokens, 20) == [4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]  # up to the end of what is known
-    assert index.draft([*tokens, 42], 3) == []  # "3 42" never occurred
+    assert index.draft(tokens, 3) == ([4, 9, 9], 3)
+    assert index.draft(tokens, 20)[0] == [4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]  # up to the end of what is known
+    assert index.draft([*tokens, 42], 3) == ([], 0)  # "3 42" never occurred
 
 
 def test_ngram_index_grown_step_by_step_equals_built_at_once() -> None:
@@ -69,7 +69,7 @@ def test_ngram_index_grown_step_by_step_equals_built_at_once() -> None:
         grown.extend(tokens[:n])
     whole = NgramIndex(2, 3)
     whole.extend(tokens)
-    assert grown.draft(tokens, 4) == whole.draft(tokens, 4) == [9, 5, 6, 7]
+    assert grown.draft(tokens, 4) == whole.draft(tokens, 4) == ([9, 5, 6, 7], 3)
 
 
 # -- how many tokens to draft ------------------------------------------------------------------------------
@@ -81,17 +81,18 @@ def decoding_request(rid: str, tokens: list[int], max_tokens: int = 100) -> Requ
     return request
 
 
-def confident(speculator: Speculator, request_id: str) -> None:
+def confident(speculator: Speculator, request: Request) -> None:
+    """Eight drafts of 8 kept in full, for the n-gram length its next draft matches."""
+    speculator.propose([request], 1, 1)
     for _ in range(8):
-        speculator.record(request_id, 8, 8)
+        speculator.record(request.request_id, 8, 8)
 
 
 def test_a_lone_confident_stream_drafts_long_a_crowded_batch_hardly_and_a_doubtful_one_not_at_all() -> None:
     cycle = list(range(10, 30))
     speculator = Speculator(SpeculationConfig(mode="ngram", draft_max=16))
     lone = decoding_request("lone", cycle * 3)
-    speculator.propose([lone], 1, 100)  # first sight: index it
-    confident(speculator, "lone")
+    confident(speculator, lone)
     alone = speculator.propose([lone], 1, 100)["lone"]
     assert 8 <= len(alone) <= 16 and alone == (cycle * 2)[:len(alone)]
     # Drafts that keep failing: acceptance falls and the request stops drafting.
@@ -101,20 +102,37 @@ def test_a_lone_confident_stream_drafts_long_a_crowded_batch_hardly_and_a_doubtf
 
     # 16 streams decoding: each token must be nearly sure to pay for itself, so drafts are shorter.
     crowd = [decoding_request(f"r{i}", [1000 * i + t for t in cycle] * 3) for i in range(16)]
-    speculator.propose(crowd, 16, 100)
     for r in crowd:
-        confident(speculator, r.request_id)
+        confident(speculator, r)
     crowded = speculator.propose(crowd, 16, 100)
     assert max(len(d) for d in crowded.values()) < len(alone)
     assert sum(len(d) for d in crowded.values()) <= 100
 
 
 
+def test_after_a_rejection_a_request_pauses_then_tries_again_later_and_later() -> None:
+    speculator = Speculator(SpeculationConfig(mode="ngram"))
+    request = decoding_request("r", list(range(10, 30)) * 3)
+
+    def steps_until_it_drafts() -> int:
+        for step in range(1, 100):
+            if speculator.propose([request], 1, 100):
+                return step
+        return 100
+
+    assert steps_until_it_drafts() == 1  # the prior: worth a 1-token try
+    speculator.record("r", 1, 0)
+    first_pause = steps_until_it_drafts()
+    speculator.record("r", 1, 0)
+    second_pause = steps_until_it_drafts()
+    assert 5 < first_pause < second_pause < 100
+
+
 def test_no_drafts_in_a_step_full_of_prompt_nor_past_max_tokens_nor_when_the_request_opts_out() -> None:
     cycle = list(range(10, 30))
     speculator = Speculator(SpeculationConfig(mode="ngram", draft_max=16))
     request = decoding_request("r", cycle * 3, max_tokens=4)
-    confident(speculator, "r")
+    confident(speculator, request)
     assert speculator.propose([request], 300, 200) == {}  # a 300-token step: drafts cost more than they bring
     drafts = speculator.propose([request], 1, 100)
     assert len(drafts["r"]) == 2  # 4 - 1 output - 1: every token a verification can yield fits max_tokens
@@ -129,10 +147,10 @@ def test_scheduler_grants_drafts_after_real_tokens_and_counts_kept_ones_as_compu
     cycle = list(range(10, 20))
     request = Request("r", cycle * 3, SamplingParams(temperature=0), 40)
     sched.add(request)
-    confident(speculator, "r")
     plan = sched.schedule()
     assert [(c.start_pos, len(c.token_ids), c.draft_ids) for c in plan.chunks] == [(0, 30, ())]
     sched.update(plan, {"r": 10})  # the prompt's next token, as the cycle goes on
+    confident(speculator, request)
     plan = sched.schedule()
     (chunk,) = plan.chunks
     assert (chunk.start_pos, chunk.token_ids, chunk.draft_ids) == (30, [10], (11, 12, 13, 14))
@@ -197,11 +215,13 @@ def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(
 def test_concurrent_requests_with_speculation_match_their_solo_runs(engines: tuple[LocalEngine, LocalEngine]) -> None:
     off, on = engines
     prompts = [repetitive_prompt(off, f"doc {i} to be rewritten") for i in range(6)]  # 6 requests, 4 slots
-    params = SamplingParams(temperature=0, max_tokens=40)
-    alone = [tokens_of(run(collect(off, p, params))) for p in prompts]
+    # Different lengths, so the batch thins out and the last ones draft (a full batch leaves little to gain).
+    params = [SamplingParams(temperature=0, max_tokens=20 + 8 * i) for i in range(6)]
+    alone = [tokens_of(run(collect(off, p, q))) for p, q in zip(prompts, params, strict=True)]
 
     async def together() -> list[list[int]]:
-        return [tokens_of(r) for r in await asyncio.gather(*(collect(on, p, params) for p in prompts))]
+        results = await asyncio.gather(*(collect(on, p, q) for p, q in zip(prompts, params, strict=True)))
+        return [tokens_of(r) for r in results]
 
     assert run(together()) == alone
     assert on.stats().spec_accepted_tokens > 0

@@ -40,11 +40,16 @@ NGRAM_MAX = 5  # prompt lookup tries n-grams from this long down to --ngram-min
 # engine's own per-step work). Larger F (accelerators, bigger models) makes drafting pay sooner.
 STEP_FIXED_COST_TOKENS = 1.5
 
-# Acceptance estimate: a prior worth PRIOR_TRIALS verifications at PRIOR_ACCEPTANCE, and older evidence fading by
-# DECAY per verified draft, so a request that stops repeating its context stops drafting within a few steps.
-PRIOR_ACCEPTANCE = 0.6
+# Acceptance estimate, per request and per length of the n-gram that matched (a 5-token match predicts better
+# than a 2-token one): counts that start as a prior worth PRIOR_TRIALS drafted positions at PRIOR_ACCEPTANCE and
+# fade by DECAY per newly verified position, so a request that stops repeating its context stops drafting within
+# a step or two, and one that keeps repeating it soon drafts long. In a step where a draft was found but not
+# worth sending, the counts drift back toward the prior by IDLE_DECAY, so the request tries again now and then:
+# after one rejection ≈15 steps later, after two ≈27 (a retry costs a quarter to a third of a step).
+PRIOR_ACCEPTANCE = 0.5
 PRIOR_TRIALS = 2.0
 DECAY = 0.8
+IDLE_DECAY = 0.95
 # No draft is ever certain: capping the estimate keeps a long run of hits from drafting into a prompt-filled step.
 MAX_ACCEPTANCE = 0.97
 
@@ -81,24 +86,38 @@ class NgramIndex:
                 self._last_start[tuple(tokens[start:start + n])] = start
             self._indexed[n] = max(indexed, len(tokens) - n)
 
-    def draft(self, tokens: list[int], k: int) -> list[int]:
-        """Up to k tokens that followed the longest n-gram ending `tokens` where it occurred before."""
+    def draft(self, tokens: list[int], k: int) -> tuple[list[int], int]:
+        """Up to k tokens that followed the longest n-gram ending `tokens` where it occurred before, and n."""
         for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
             start = self._last_start.get(tuple(tokens[-n:]))
             if start is not None:
-                return tokens[start + n:start + n + k]
-        return []
+                return tokens[start + n:start + n + k], n
+        return [], 0
 
 
 @dataclass
 class _RequestState:
     index: NgramIndex
-    accepted: float = PRIOR_ACCEPTANCE * PRIOR_TRIALS  # decayed count of drafted positions kept
-    trials: float = PRIOR_TRIALS  # decayed count of drafted positions verified (the first rejected one counts)
+    # Per matched n-gram length: decayed counts of drafted positions kept, and verified (the first rejected counts).
+    accepted: dict[int, float] = field(default_factory=dict)
+    trials: dict[int, float] = field(default_factory=dict)
+    last_match: int = 0  # n-gram length behind the draft now being verified
 
-    @property
-    def acceptance(self) -> float:
-        return min(self.accepted / self.trials, MAX_ACCEPTANCE)
+    def acceptance(self, match: int) -> float:
+        kept = self.accepted.get(match, PRIOR_ACCEPTANCE * PRIOR_TRIALS)
+        return min(kept / self.trials.get(match, PRIOR_TRIALS), MAX_ACCEPTANCE)
+
+    def learn(self, match: int, drafted: int, accepted: int) -> None:
+        decay = DECAY ** max(1, drafted)
+        self.accepted[match] = self.accepted.get(match, PRIOR_ACCEPTANCE * PRIOR_TRIALS) * decay + accepted
+        self.trials[match] = (self.trials.get(match, PRIOR_TRIALS) * decay + accepted
+                              + (1 if accepted < drafted else 0))
+
+    def fade(self, match: int) -> None:
+        if match in self.trials:
+            self.accepted[match] = (self.accepted[match] * IDLE_DECAY
+                                    + PRIOR_ACCEPTANCE * PRIOR_TRIALS * (1 - IDLE_DECAY))
+            self.trials[match] = self.trials[match] * IDLE_DECAY + PRIOR_TRIALS * (1 - IDLE_DECAY)
 
 
 @dataclass
@@ -125,6 +144,7 @@ class Speculator:
 
         `decoding`: the requests that get one decode token in this step."""
         candidates: list[tuple[Request, list[int], float]] = []
+        matches: list[tuple[_RequestState, int]] = []
         for request in decoding:
             if not self.can_draft(request):
                 continue
@@ -133,9 +153,10 @@ class Speculator:
             state.index.extend(tokens)
             # Keep every verified token within max_tokens: 1 + k tokens can come out of a k-token draft.
             k = min(self.config.draft_max, request.max_tokens - len(request.output_ids) - 1)
-            draft = state.index.draft(tokens, k)
+            draft, match = state.index.draft(tokens, k)
             if draft:
-                candidates.append((request, draft, state.acceptance))
+                candidates.append((request, draft, state.acceptance(match)))
+                matches.append((state, match))
         if not candidates or budget <= 0:
             return {}
 
@@ -156,6 +177,11 @@ class Speculator:
             budget -= 1
             if length < len(draft):
                 heapq.heappush(heap, (-p * alpha, i, length + 1))
+        for (request, _, _), (state, match) in zip(candidates, matches, strict=True):
+            if request.request_id in chosen:
+                state.last_match = match
+            else:
+                state.fade(match)
         return {c[0].request_id: c[1][:chosen[c[0].request_id]] for c in candidates
                 if c[0].request_id in chosen}
 
@@ -165,9 +191,7 @@ class Speculator:
         self.stats.draft_tokens += drafted
         self.stats.accepted_tokens += accepted
         state = self._state(request_id)
-        decay = DECAY ** max(1, drafted)
-        state.accepted = state.accepted * decay + accepted
-        state.trials = state.trials * decay + accepted + (1 if accepted < drafted else 0)
+        state.learn(state.last_match, drafted, accepted)
 
     def forget(self, request_id: str) -> None:
         self._states.pop(request_id, None)
