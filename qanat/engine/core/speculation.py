@@ -14,7 +14,7 @@ up to 16 tokens whatever the odds and loses; here a draft token goes into the st
 
 where n is the step's token count so far, U the useful tokens among them (each real token counts 1, each draft
 token its p), and F = a / b, the step's fixed cost in tokens. It is the condition for the step's useful tokens
-per unit of time to rise. A lone stream drafts when p > 0.4; beside 15 other decodes only when p > 0.91; in a
+per unit of time to rise. A lone stream drafts when p > 0.36; beside 15 other decodes only when p > 0.9; in a
 step that carries a prompt chunk, practically never — speculation steps aside where the batch already fills
 the machine. p for the j-th draft token (from 1) is α^j, α being the request's recent per-token acceptance.
 
@@ -36,9 +36,10 @@ SPECULATIVE_MODES = ("off", "ngram")
 NGRAM_MAX = 5  # prompt lookup tries n-grams from this long down to --ngram-min
 
 # F: a decode step's fixed cost in units of one more token's cost, measured on this project's CPU with the
-# embedded model (bench/verify_cost.py: 1 token 18.6 ms, each further token ≈ 7.5 ms; plus ≈ 1 ms of the
-# engine's own per-step work). Larger F (accelerators, bigger models) makes drafting pay sooner.
-STEP_FIXED_COST_TOKENS = 1.5
+# embedded model (bench/verify_cost.py: a pass of n ≤ 8 tokens ≈ 11 + 7.3·n ms, the second token only 5 ms;
+# plus ≈ 1.5 ms of the engine's own per-step work): ≈ 1.75. Larger F (accelerators, bigger models) makes drafting
+# pay sooner.
+STEP_FIXED_COST_TOKENS = 1.75
 
 # Acceptance estimate, per request and per length of the n-gram that matched (a 5-token match predicts better
 # than a 2-token one): counts that start as a prior worth PRIOR_TRIALS drafted positions at PRIOR_ACCEPTANCE and
@@ -51,7 +52,7 @@ PRIOR_TRIALS = 2.0
 DECAY = 0.8
 IDLE_DECAY = 0.95
 # No draft is ever certain: capping the estimate keeps a long run of hits from drafting into a prompt-filled step.
-MAX_ACCEPTANCE = 0.97
+MAX_ACCEPTANCE = 0.99
 
 
 @dataclass(frozen=True)
