@@ -18,6 +18,7 @@ from qanat.engine.client import EngineClient
 from qanat.engine.core.loop import EngineCore
 from qanat.engine.core.prefix_cache import PrefixCache
 from qanat.engine.core.scheduler import Scheduler
+from qanat.engine.core.speculation import NGRAM_MAX, SpeculationConfig, Speculator
 from qanat.engine.executors.base import Executor, Tokenizer
 from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
 from qanat.engine.executors.kv_tiers import TierSettings
@@ -91,8 +92,12 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
     chat_template = ChatTemplate(*template_parts) if template_parts is not None else None
     # Deterministic mode restores whole prompt chunks only: one computed alone from the same start has the same bits.
     prefix_cache = PrefixCache(config.cache_tiers, block_multiple=facts.batch_tokens if config.deterministic else 1)
+    speculator = None
+    if config.speculative != "off":
+        speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min,
+                                                  max(config.ngram_min, NGRAM_MAX)))
     scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic,
-                          prefix_cache)
+                          prefix_cache=prefix_cache, speculator=speculator)
     core = EngineCore(scheduler, executor, tokenizer, EnergyAccountant(facts.energy_source),
                       max_in_flight=facts.num_slots + config.max_waiting)
     return LocalEngine(runtime, tokenizer, chat_template, core)

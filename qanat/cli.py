@@ -11,6 +11,7 @@ from pathlib import Path
 from qanat.config import FLASH_ATTN_MODES, ConfigError, EngineConfig, ServerConfig
 from qanat.energy.carbon import CarbonModel
 from qanat.energy.meters import METER_KINDS
+from qanat.engine.core.speculation import SPECULATIVE_MODES
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="prompt cache on disk, kept across restarts (files checked against model and build)")
     parser.add_argument("--cache-disk", type=int, default=defaults.cache_disk_mib, metavar="MIB",
                         help="the most --cache-dir holds (MiB), least recently used evicted")
+    parser.add_argument("--speculative", default=defaults.speculative, choices=SPECULATIVE_MODES,
+                        help="speculative decoding: ngram drafts tokens by prompt lookup and verifies them in the "
+                             "step, only where that pays (see docs/benchmarks.md)")
+    parser.add_argument("--draft-max", type=int, default=defaults.draft_max,
+                        help="most drafted tokens per request and step")
+    parser.add_argument("--ngram-min", type=int, default=defaults.ngram_min,
+                        help="shortest n-gram that prompt lookup matches")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -45,6 +53,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         batch_tokens=args.batch, max_waiting=args.max_waiting, energy_meter=args.energy_meter,
         cpu_tdp_w=args.cpu_tdp_w, flash_attn=args.flash_attn, deterministic=args.deterministic,
         cache_ram_mib=args.cache_ram, cache_dir=args.cache_dir, cache_disk_mib=args.cache_disk,
+        speculative=args.speculative, draft_max=args.draft_max, ngram_min=args.ngram_min,
     )
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from qanat.energy.carbon import CarbonModel
 from qanat.energy.meters import METER_KINDS
+from qanat.engine.core.speculation import SPECULATIVE_MODES
 
 FLASH_ATTN_MODES = ("auto", "on", "off")  # llama.cpp's flash attention
 
@@ -44,6 +45,9 @@ class EngineConfig:
     cache_ram_mib: int = field(default_factory=default_cache_ram_mib)  # prompt cache beyond the slots; 0 = none
     cache_dir: str | None = None  # the prompt cache's disk tier (survives restarts); None = none
     cache_disk_mib: int = 16384  # the most the disk tier holds
+    speculative: str = "off"  # off | ngram: draft tokens by prompt lookup and verify them in the step
+    draft_max: int = 16  # most drafted tokens per request and step
+    ngram_min: int = 2  # shortest n-gram prompt lookup matches
 
     def __post_init__(self) -> None:
         _require(32 <= self.ctx <= 1_048_576, f"--ctx must be between 32 and 1048576, got {self.ctx}")
@@ -60,6 +64,16 @@ class EngineConfig:
                  "--deterministic needs flash attention off: its CPU kernel's numbers depend on the batch")
         _require(self.energy_meter in METER_KINDS,
                  f"--energy-meter must be one of {', '.join(METER_KINDS)}, got {self.energy_meter!r}")
+        _require(self.speculative in SPECULATIVE_MODES,
+                 f"--speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {self.speculative!r}")
+        _require(1 <= self.draft_max <= 64, f"--draft-max must be between 1 and 64, got {self.draft_max}")
+        _require(1 <= self.ngram_min <= 8, f"--ngram-min must be between 1 and 8, got {self.ngram_min}")
+        # A pass of 1 + k tokens of one sequence computes other numbers than a one-token decode with flash
+        # attention off (measured: logits 0.2-0.7 apart), so drafts could change a deterministic greedy output.
+        _require(not (self.deterministic and self.speculative != "off"),
+                 "--speculative cannot be combined with --deterministic: llama.cpp's kernels compute a verification "
+                 "pass of several tokens differently from one-token decodes, so outputs would no longer be "
+                 "bit-identical")
         _require(self.cpu_tdp_w is None or 1 <= self.cpu_tdp_w <= 2000,
                  f"--cpu-tdp-w must be between 1 and 2000 W, got {self.cpu_tdp_w}")
         _require(0 <= self.cache_ram_mib <= 16_777_216,

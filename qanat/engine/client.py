@@ -187,6 +187,9 @@ class EngineStats:
     step_s: float  # wall time of engine steps, executor included
     boundary_s: float  # of which: crossing the process boundary (0 in-process)
     prompt_cache: PromptCacheStats | None = None  # tiers beyond the slots, when configured
+    spec_drafts: int = 0  # speculative decoding: verifications that carried drafted tokens
+    spec_draft_tokens: int = 0  # drafted tokens verified
+    spec_accepted_tokens: int = 0  # of which kept
 
 
 class EngineClient(Protocol):

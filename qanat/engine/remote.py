@@ -250,6 +250,8 @@ class RemoteEngine:
                 body[name] = getattr(params, name)
         if params.stop_token_ids:
             body["stop_token_ids"] = list(params.stop_token_ids)
+        if not params.speculative and self.is_qanat:
+            body["speculative"] = False
         if params.constraint is not None:
             body["response_format"] = _response_format(params)
         if hints is not None and hints.user is not None:

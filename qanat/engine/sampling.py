@@ -79,6 +79,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # None = no logprobs; k = the chosen token's and the top k
     constraint: OutputConstraint | None = None
+    # May drafted tokens be verified for it (when the server speculates)? Its output is the same either way.
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         def check(ok: bool, param: str, why: str) -> None:

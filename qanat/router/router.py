@@ -375,6 +375,8 @@ class ModelRouter:
             executor_restarts=sum(p.executor_restarts for p in parts), steps=sum(p.steps for p in parts),
             step_s=sum(p.step_s for p in parts), boundary_s=sum(p.boundary_s for p in parts),
             prompt_cache=merge_prompt_cache_stats([p.prompt_cache for p in parts]),
+            spec_drafts=sum(p.spec_drafts for p in parts), spec_draft_tokens=sum(p.spec_draft_tokens for p in parts),
+            spec_accepted_tokens=sum(p.spec_accepted_tokens for p in parts),
         )
 
     def shutdown(self) -> None:

@@ -45,6 +45,15 @@ class _EngineCollector(Collector):
                                   stats.prefix_cache_hit_tokens)
         yield CounterMetricFamily("qanat_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
                                   stats.prompt_tokens)
+        yield CounterMetricFamily("qanat_spec_decode_num_drafts", "Speculative verifications with drafted tokens",
+                                  stats.spec_drafts)
+        yield CounterMetricFamily("qanat_spec_decode_num_draft_tokens", "Drafted tokens verified",
+                                  stats.spec_draft_tokens)
+        yield CounterMetricFamily("qanat_spec_decode_num_accepted_tokens", "Drafted tokens kept",
+                                  stats.spec_accepted_tokens)
+        drafted = stats.spec_draft_tokens
+        yield GaugeMetricFamily("qanat_spec_decode_draft_acceptance_rate", "Drafted tokens kept / drafted, since start",
+                                stats.spec_accepted_tokens / drafted if drafted else 0.0)
         energy = stats.energy
         joules = CounterMetricFamily("qanat_energy_joules", "Energy since start: charged to requests, or idle",
                                      labels=["source", "kind"])

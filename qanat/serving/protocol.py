@@ -127,6 +127,7 @@ class _CommonRequest(BaseModel):
     repetition_penalty: Annotated[float, _bounded("repetition_penalty")] | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False  # vLLM's extension: each choice carries the ids it sampled
+    speculative: bool = True  # Qanat's extension: false keeps this request out of speculative decoding
     stop_token_ids: Annotated[
         list[Annotated[int, Field(ge=0)]], Field(max_length=int(LIMITS["stop_token_ids"].hi))
     ] | None = None
@@ -151,6 +152,7 @@ class _CommonRequest(BaseModel):
             max_tokens=max_tokens,
             stop=tuple(s for s in stop if s),
             ignore_eos=self.ignore_eos,
+            speculative=self.speculative,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             logit_bias=tuple(bias),
             logprobs=logprobs,

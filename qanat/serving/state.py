@@ -62,6 +62,8 @@ class ModelRegistry:
                                 sum(p.energy.tokens for p in parts)),
             executor_restarts=sum(p.executor_restarts for p in parts), steps=sum(p.steps for p in parts),
             step_s=sum(p.step_s for p in parts), boundary_s=sum(p.boundary_s for p in parts),
+            spec_drafts=sum(p.spec_drafts for p in parts), spec_draft_tokens=sum(p.spec_draft_tokens for p in parts),
+            spec_accepted_tokens=sum(p.spec_accepted_tokens for p in parts),
         )
 
     def shutdown(self) -> None:

@@ -115,7 +115,16 @@ class EngineCore:
             energy=self.energy.totals(), executor_restarts=self.executor.restarts, steps=self._steps,
             step_s=self._step_s, boundary_s=getattr(self.executor, "boundary_s", 0.0),
             prompt_cache=self.scheduler.prefix_cache.stats() if self.scheduler.prefix_cache.enabled else None,
+            **self._speculation_stats(),
         )
+
+    def _speculation_stats(self) -> dict[str, int]:
+        speculator = self.scheduler.speculator
+        if speculator is None:
+            return {}
+        stats = speculator.stats
+        return {"spec_drafts": stats.drafts, "spec_draft_tokens": stats.draft_tokens,
+                "spec_accepted_tokens": stats.accepted_tokens}
 
     def shutdown(self) -> None:
         with self._lock:
@@ -174,20 +183,40 @@ class EngineCore:
         texts, stop_hits = self._detokenize(sampled)
         outputs = self.scheduler.update(plan, sampled, stop_hits)
         self._publish(outputs, texts, result.logprobs)
+        if any(c.draft_ids for c in plan.chunks):
+            self._publish_verified(plan, result)
+
+    def _publish_verified(self, plan: SchedulerPlan, result: StepResult) -> None:
+        """Tokens kept from verified drafts, past each request's first: one round per position, as if each had
+        its own step, so stop strings, stop tokens and max_tokens cut exactly where they would without drafts."""
+        extra = result.extra_tokens
+        for chunk in plan.chunks:
+            if chunk.draft_ids and chunk.request.request_id in result.sampled:
+                self.scheduler.record_verification(chunk.request.request_id, len(chunk.draft_ids),
+                                                   len(extra.get(chunk.request.request_id, ())))
+        for i in range(max(map(len, extra.values()), default=0)):
+            tokens = {rid: kept[i] for rid, kept in extra.items() if i < len(kept) and rid in self._streams}
+            if not tokens:
+                return
+            texts, stop_hits = self._detokenize(tokens)
+            outputs = [self.scheduler.append_verified(self._streams[rid].request, token, rid in stop_hits)
+                       for rid, token in tokens.items()]
+            logprobs = {rid: result.extra_logprobs[rid][i] for rid in tokens if rid in result.extra_logprobs}
+            self._publish(outputs, texts, logprobs)
 
     def _batch(self, plan: SchedulerPlan) -> StepBatch:
         """What crosses to the executor: ids and positions, never the Request objects."""
         released, self._released = self._released, []
         return StepBatch(
             cache_ops=plan.cache_ops,
-            chunks=[ExecChunk(c.request.request_id, c.seq_id, c.start_pos, c.token_ids, c.needs_logits)
+            chunks=[ExecChunk(c.request.request_id, c.seq_id, c.start_pos, c.token_ids, c.needs_logits, c.draft_ids)
                     for c in plan.chunks],
             new_requests=[(r.request_id, r.params) for r in plan.admitted],
             released=released,
         )
 
     def _book_energy(self, plan: SchedulerPlan, result: StepResult) -> None:
-        tokens = {c.request.request_id: len(c.token_ids) for c in plan.chunks
+        tokens = {c.request.request_id: len(c.token_ids) + len(c.draft_ids) for c in plan.chunks
                   if c.request.request_id not in result.refused}
         shares = self.energy.record(result.energy.idle_j, result.energy.busy_j, tokens)
         for chunk in plan.chunks:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from qanat.engine.client import FinishReason
 from qanat.engine.core.prefix_cache import PrefixCache
 from qanat.engine.core.request import Request, RequestState
+from qanat.engine.core.speculation import Speculator
 from qanat.engine.executors.base import CacheOp, KVSave
 
 # A prefix copy moves a whole sequence's KV buffer; below this many shared tokens recomputing is cheaper.
@@ -47,6 +48,7 @@ class ScheduledChunk:
     start_pos: int  # position of token_ids[0]; equals the request's num_computed_tokens
     token_ids: list[int]
     needs_logits: bool  # the chunk reaches the request's last token: sample its next one
+    draft_ids: tuple[int, ...] = ()  # guessed tokens verified after token_ids (speculative decoding)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class SchedulerPlan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+        return sum(len(c.token_ids) + len(c.draft_ids) for c in self.chunks)
 
     @property
     def is_empty(self) -> bool:
@@ -81,13 +83,14 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, num_slots: int, context_length: int, max_batch_tokens: int, deterministic: bool = False,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, speculator: Speculator | None = None) -> None:
         if max_batch_tokens < num_slots:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= num_slots ({num_slots})")
         self.num_slots = num_slots
         self.context_length = context_length
         self.max_batch_tokens = max_batch_tokens
         self.deterministic = deterministic
+        self.speculator = speculator  # drafts tokens for decoding requests; never in deterministic mode
         self.slots = [Slot(seq_id=i) for i in range(num_slots)]
         self._slot_by_seq_id = {slot.seq_id: slot for slot in self.slots}
         self.waiting: deque[Request] = deque()
@@ -120,6 +123,8 @@ class Scheduler:
                 self._pending_ops.append(CacheOp(slot.seq_id, keep=0))
         request.state = RequestState.FINISHED
         request.finish_reason = reason
+        if self.speculator is not None:
+            self.speculator.forget(request.request_id)
 
     @property
     def has_work(self) -> bool:
@@ -203,7 +208,17 @@ class Scheduler:
             chunks.append(self._chunk(request, n))
             budget -= n
         self.waiting.extendleft(reversed(deferred))
+        if self.speculator is not None:
+            chunks = self._with_drafts(chunks, budget)
         return chunks
+
+    def _with_drafts(self, chunks: list[ScheduledChunk], budget: int) -> list[ScheduledChunk]:
+        """Drafted tokens for decoding requests, from what is left of the budget once every real token is in."""
+        assert self.speculator is not None
+        decoding = [c.request for c in chunks if c.request.state is RequestState.DECODING]
+        drafts = self.speculator.propose(decoding, sum(len(c.token_ids) for c in chunks), budget)
+        return [replace(c, draft_ids=tuple(drafts[c.request.request_id])) if c.request.request_id in drafts else c
+                for c in chunks]
 
     def _schedule_isolated(self, ops: list[CacheOp], step: int) -> list[ScheduledChunk]:
         """Deterministic mode: a step is every decode, or one prompt chunk alone; the two take turns.
@@ -336,6 +351,22 @@ class Scheduler:
                 self.finish(request, reason)
             outputs.append(StepOutput(request, token, reason is not None))
         return outputs
+
+    def append_verified(self, request: Request, token: int, hit_stop_string: bool) -> StepOutput:
+        """One more token kept from a verified draft (after `update` took the step's first one): its predecessor
+        was the accepted draft token, whose KV the step computed."""
+        assert request.slot is not None and not request.is_finished
+        request.num_computed_tokens += 1
+        self._slot_by_seq_id[request.slot].token_ids.append(request.output_ids[-1])
+        request.output_ids.append(token)
+        reason = self._finish_reason(request, token, hit_stop_string)
+        if reason is not None:
+            self.finish(request, reason)
+        return StepOutput(request, token, reason is not None)
+
+    def record_verification(self, request_id: str, drafted: int, accepted: int) -> None:
+        if self.speculator is not None:
+            self.speculator.record(request_id, drafted, accepted)
 
     @staticmethod
     def _finish_reason(request: Request, token: int, hit_stop_string: bool) -> FinishReason | None:

@@ -50,6 +50,9 @@ class ExecChunk:
     start_pos: int  # position of token_ids[0]
     token_ids: list[int]
     needs_logits: bool  # sample this request's next token from the chunk's last position
+    # Speculative decoding: guessed next tokens, run after token_ids in the same pass (logits at every position)
+    # and kept while they equal what the request's sampler picks (see engine/core/speculation.py).
+    draft_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class StepBatch:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+        return sum(len(c.token_ids) + len(c.draft_ids) for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ class StepResult:
     energy: StepEnergy = StepEnergy()
     compute_s: float = 0.0  # wall time inside execute, as the executor measured it
     kv_cache: KVCacheReport | None = None  # None when the executor keeps no tiers beyond its slots
+    # For chunks with drafts: the tokens kept after sampled[id], in order (each accepted draft's successor), and
+    # their logprobs (if asked). len(extra_tokens[id]) drafts were accepted; the rest's KV is already removed.
+    extra_tokens: dict[str, list[int]] = field(default_factory=dict)
+    extra_logprobs: dict[str, list[SampledLogprobs]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qanat.engine.executors.base import (
+    ExecChunk,
     ExecutorFacts,
     Refusal,
     SampledLogprobs,
@@ -111,6 +112,7 @@ class FakeExecutor:
         self.samplers: dict[str, _FakeSampler] = {}
         self.steps = 0
         self.restarts = 0
+        self.drafted_tokens = 0  # draft tokens it was asked to verify (tests check speculation happened)
         self.tiers = self._tiers()
 
     def _tiers(self) -> KVTiers:
@@ -145,33 +147,56 @@ class FakeExecutor:
                 self.samplers[request_id] = _FakeSampler(params)
         failed = self.tiers.apply(batch.cache_ops)
         chunks = [c for c in batch.chunks if c.request_id not in refused and c.seq_id not in failed]
-        n_tokens = sum(len(c.token_ids) for c in chunks)
+        n_tokens = sum(len(c.token_ids) + len(c.draft_ids) for c in chunks)
         if n_tokens > self.spec.batch_tokens:
             raise RuntimeError(f"batch has {n_tokens} tokens, more than {self.spec.batch_tokens}")
         sampled: dict[str, int] = {}
         logprobs: dict[str, SampledLogprobs] = {}
+        extra: dict[str, list[int]] = {}
+        extra_logprobs: dict[str, list[SampledLogprobs]] = {}
         for chunk in chunks:
             seq = self.kv[chunk.seq_id]
             if chunk.start_pos != len(seq):  # llama.cpp refuses a gap in a sequence's positions the same way
                 raise RuntimeError(f"seq {chunk.seq_id}: chunk starts at {chunk.start_pos}, KV holds {len(seq)}")
-            if len(seq) + len(chunk.token_ids) > self.spec.context_length:
+            if len(seq) + len(chunk.token_ids) + len(chunk.draft_ids) > self.spec.context_length:
                 raise RuntimeError(f"seq {chunk.seq_id} outgrows its {self.spec.context_length} cells")
             seq.extend(chunk.token_ids)
             if chunk.needs_logits:
-                sampler = self.samplers[chunk.request_id]
-                token, log_probs = sampler.sample(fake_logits(seq))
-                sampled[chunk.request_id] = token
-                k = sampler.params.logprobs
-                if k is not None:
-                    top = np.argsort(log_probs)[::-1][:k]
-                    logprobs[chunk.request_id] = SampledLogprobs(
-                        token, float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in top))
+                kept, kept_logprobs = self._sample_and_verify(chunk, seq)
+                sampled[chunk.request_id] = kept[0]
+                if chunk.draft_ids:
+                    extra[chunk.request_id] = kept[1:]
+                if kept_logprobs:
+                    logprobs[chunk.request_id] = kept_logprobs[0]
+                    if chunk.draft_ids:
+                        extra_logprobs[chunk.request_id] = kept_logprobs[1:]
         if self.spec.step_delay_s:
             time.sleep(self.spec.step_delay_s)
         spec = self.spec
         energy = StepEnergy(spec.idle_joules_per_step, spec.joules_per_step + spec.joules_per_token * n_tokens)
         return StepResult(sampled, logprobs, refused, energy, time.perf_counter() - start_s,
-                          self.tiers.take_report())
+                          kv_cache=self.tiers.take_report(), extra_tokens=extra, extra_logprobs=extra_logprobs)
+
+    def _sample_and_verify(self, chunk: ExecChunk, seq: list[int]) -> tuple[list[int], list[SampledLogprobs]]:
+        """Sample the next token; then, as llama.cpp's executor does, keep each draft token that equals what was
+        sampled before it and sample again after it. The "KV" ends up holding the kept drafts only."""
+        sampler = self.samplers[chunk.request_id]
+        kept: list[int] = []
+        kept_logprobs: list[SampledLogprobs] = []
+        for offset in range(len(chunk.draft_ids) + 1):
+            token, log_probs = sampler.sample(fake_logits(seq))
+            kept.append(token)
+            k = sampler.params.logprobs
+            if k is not None:
+                top = np.argsort(log_probs)[::-1][:k]
+                kept_logprobs.append(SampledLogprobs(
+                    token, float(log_probs[token]), tuple((int(t), float(log_probs[t])) for t in top)))
+            if offset == len(chunk.draft_ids) or token != chunk.draft_ids[offset]:
+                break
+            seq.append(token)
+        self.drafted_tokens += len(chunk.draft_ids)
+        return kept, kept_logprobs
+
 
 
 class _FakeSequences:

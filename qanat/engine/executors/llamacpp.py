@@ -27,6 +27,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter, json_schema_to_g
 from qanat.energy.meters import cpu_model, open_meter
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.executors.base import (
+    ExecChunk,
     ExecutorFacts,
     ExecutorStartError,
     Refusal,
@@ -369,12 +370,15 @@ class LlamaCppExecutor:
                 self.samplers[request_id] = RequestSampler(self.model, params, penalty_window=self.context_length)
             except InvalidRequestError as e:
                 refused[request_id] = Refusal(str(e), e.param)
-        sampled, logprobs = self._run(batch, refused)
+        extra: dict[str, list[int]] = {}
+        extra_logprobs: dict[str, list[SampledLogprobs]] = {}
+        sampled, logprobs = self._run(batch, refused, extra, extra_logprobs)
         return StepResult(sampled, logprobs, refused, self.meter.end(idle_j), time.perf_counter() - start_s,
-                          self.tiers.take_report())
+                          kv_cache=self.tiers.take_report(), extra_tokens=extra, extra_logprobs=extra_logprobs)
 
-    def _run(self, batch: StepBatch, refused: dict[str, Refusal]
-             ) -> tuple[dict[str, int], dict[str, SampledLogprobs]]:
+    def _run(self, batch: StepBatch, refused: dict[str, Refusal], extra: dict[str, list[int]],
+             extra_logprobs: dict[str, list[SampledLogprobs]]) -> tuple[dict[str, int], dict[str, SampledLogprobs]]:
+        """One llama_decode; sampled tokens returned, those kept after verified drafts put in `extra`."""
         failed = self.tiers.apply(batch.cache_ops)  # saves, restores, copies, trims; in order
         chunks = [c for c in batch.chunks if c.request_id not in refused and c.seq_id not in failed]
         if not chunks:
@@ -384,15 +388,19 @@ class LlamaCppExecutor:
         positions: list[int] = []
         seq_ids: list[int] = []
         sample_at: list[tuple[str, int]] = []  # (request_id, batch index whose logits we sample)
+        verify: list[tuple[ExecChunk, int]] = []  # chunks with drafts, and their last real token's batch index
         # Sequence order matters: with a stream per sequence llama.cpp splits the batch into one pass per run
         # of consecutive seq ids, in batch order. Sorted, 16 decodes take one pass (≈100 ms here), not up
         # to 16 (≈150 ms shuffled).
         for chunk in sorted(chunks, key=lambda c: c.seq_id):
-            n = len(chunk.token_ids)
+            n = len(chunk.token_ids) + len(chunk.draft_ids)
             tokens += chunk.token_ids
+            tokens += chunk.draft_ids
             positions += range(chunk.start_pos, chunk.start_pos + n)
             seq_ids += [chunk.seq_id] * n
-            if chunk.needs_logits:
+            if chunk.draft_ids:
+                verify.append((chunk, len(tokens) - n + len(chunk.token_ids) - 1))
+            elif chunk.needs_logits:
                 sample_at.append((chunk.request_id, len(tokens) - 1))
         n_tokens = len(tokens)
         # More than n_batch tokens, or sampling where no logits were asked for, aborts the whole process.
@@ -404,6 +412,8 @@ class LlamaCppExecutor:
         self._logits[:n_tokens] = 0
         for _, index in sample_at:
             self._logits[index] = 1
+        for chunk, index in verify:
+            self._logits[index:index + 1 + len(chunk.draft_ids)] = 1
         self._batch.n_tokens = n_tokens
 
         status = llama_cpp.llama_decode(self.ctx, self._batch)
@@ -422,7 +432,38 @@ class LlamaCppExecutor:
             else:
                 token = llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, index)
             sampled[request_id] = token
+        for chunk, index in verify:
+            kept, kept_logprobs = self._verify(chunk, index)
+            sampled[chunk.request_id] = kept[0]
+            extra[chunk.request_id] = kept[1:]
+            if kept_logprobs:
+                logprobs[chunk.request_id] = kept_logprobs[0]
+                extra_logprobs[chunk.request_id] = kept_logprobs[1:]
         return sampled, logprobs
+
+    def _verify(self, chunk: ExecChunk, index: int) -> tuple[list[int], list[SampledLogprobs]]:
+        """Sample position after position with the request's own chain (which accepts each token it picks, so
+        grammars, penalties and its random stream advance as without drafts), while the drafts equal the picks.
+        Then drop the KV of the drafts that were not kept."""
+        sampler = self.samplers[chunk.request_id]
+        kept: list[int] = []
+        kept_logprobs: list[SampledLogprobs] = []
+        for offset in range(len(chunk.draft_ids) + 1):
+            if sampler.logprobs is not None:
+                raw = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, index + offset),
+                                            (self.model.n_vocab,))
+                token = llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, index + offset)
+                kept_logprobs.append(_logprobs(raw, token, sampler.logprobs))
+            else:
+                token = llama_cpp.llama_sampler_sample(sampler.ptr, self.ctx, index + offset)
+            kept.append(token)
+            if offset == len(chunk.draft_ids) or token != chunk.draft_ids[offset]:
+                break
+        accepted = len(kept) - 1
+        if accepted < len(chunk.draft_ids):
+            first_rejected = chunk.start_pos + len(chunk.token_ids) + accepted
+            llama_cpp.llama_memory_seq_rm(self.memory, chunk.seq_id, first_rejected, -1)
+        return kept, kept_logprobs
 
 
 class _LlamaSequences:

@@ -1,0 +1,265 @@
+"""Speculative decoding, measured: Qanat with `--speculative off` and `ngram`, llama-server without speculation
+and with each of its n-gram `--spec-type`s, on the same prompts in the same run.
+
+    flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part repetitive [--rounds 2]
+    flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part open
+    flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part concurrency
+
+- repetitive: three prompts whose answer repeats the prompt (spelling correction of a ≈300-token text, a record
+  given as text extracted as JSON, a function edited and written out again); one stream, greedy, 192 tokens.
+- open: three open-ended prompts, one stream, greedy, 192 tokens; Qanat off vs ngram.
+- concurrency: 16 distinct prompts at once, greedy, 128 tokens each; Qanat off vs ngram; aggregate tokens/s.
+
+Single-stream figures are decode rates: (tokens - 1) / (last token's arrival - first token's), streamed, so
+the prompt's prefill is left out. Each configuration runs every prompt `--rounds` times; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_SERVER = Path("/tmp/lls/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server")
+
+TEXT = (
+    "The qanat is an ancient sytem for bringing water from the mountians to the dry plains. Builders first dig a "
+    "mother well on the slope of a hill untill they reach the water table. From there they cut a gently sloping "
+    "tunel that carries the water for many kilometers, sometimes fourty or fifty, to the fields and the vilages "
+    "below. Along the way, vertical shafts are dug every few dozen meters; they let the workers breathe, remove "
+    "the soil, and reach the tunel for repairs. Because the water flows underground, very little of it is lost "
+    "to evaporation, wich matters a great deal in a hot and windy climate. Each family in the vilage owns a "
+    "share of the flow, measured in hours, and a water master keeps the count of evry share and decides when "
+    "each field is opened. The system has worked for more than two thousand years, and some qanats are still "
+    "in use today, although many have dried up as pumps lowered the water table arround them."
+)
+RECORD = (
+    "Customer file 10472\nName: Amina Rahimi\nDate of birth: 1987-04-12\nEmail: amina.rahimi@example.org\n"
+    "Phone: +212 522 48 19 07\nStreet: 14 Rue des Orangers\nCity: Marrakesh\nPostal code: 40000\n"
+    "Country: Morocco\nMember since: 2015-09-01\nPlan: premium annual\nLast order: 2026-10-28, order 88213, "
+    "3 items, 142.50 EUR\nPreferred language: French\nNewsletter: yes\nNotes: prefers delivery after 18:00"
+)
+FUNCTION = '''def summarize_orders(orders, currency):
+    result = {}
+    for order in orders:
+        customer = order["customer"]
+        if customer not in result:
+            result[customer] = {"count": 0, "total": 0.0, "items": 0}
+        result[customer]["count"] += 1
+        result[customer]["total"] += order["amount"]
+        result[customer]["items"] += len(order["items"])
+    for customer in result:
+        entry = result[customer]
+        entry["average"] = entry["total"] / entry["count"]
+        entry["currency"] = currency
+    return result
+'''
+REPETITIVE = {
+    "spelling": f"Correct the spelling mistakes in the following text. Write out the whole corrected text and "
+                f"nothing else.\n\n{TEXT}",
+    "json": "Extract every field of this record as one JSON object with snake_case keys. Answer with the JSON "
+            f"only.\n\n{RECORD}",
+    "code": "Rename the variable `result` to `summary` in this Python function and write out the whole "
+            f"function.\n\n{FUNCTION}",
+}
+OPEN = {
+    "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "explain": "Explain how a refrigerator works to a ten-year-old.",
+    "ideas": "Give me ideas for a weekend trip with friends, with a short reason for each.",
+}
+TOPICS = ["volcanoes", "the moon", "bees", "the Roman empire", "rainbows", "chess", "penguins", "bread",
+          "glaciers", "the violin", "tea", "deserts", "octopuses", "bridges", "comets", "the printing press"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    argv: list[str]
+    port: int
+    qanat: bool
+
+
+def qanat(name: str, port: int, *extra: str) -> Target:
+    return Target(name, [sys.executable, "-m", "qanat.cli", "serve", "--port", str(port), "--ctx", "1024",
+                         "--parallel", "16", "--no-webui", *extra], port, True)
+
+
+def llama_server(name: str, port: int, *extra: str) -> Target:
+    model = subprocess.run([sys.executable, "-c", "from qanat.models.locate import default_model_path as p; "
+                            "print(p())"], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    return Target(name, [str(LLAMA_SERVER), "-m", model, "--port", str(port), "-t", "2", "-c", "4096", "-np", "1",
+                         "-nr", "--no-webui", *extra], port, False)
+
+
+def start(target: Target) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(target.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{target.port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target.name} exited with {proc.returncode}")
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"{target.name} did not start")
+
+
+@dataclass
+class Run:
+    text: str
+    tokens: int
+    decode_tok_s: float
+    wall_s: float
+    drafted: int | None = None
+    accepted: int | None = None
+
+
+def chat(port: int, prompt: str, max_tokens: int) -> Run:
+    model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    text, arrivals, tokens = [], [], 0
+    timings: dict[str, Any] = {}
+    start_s = time.perf_counter()
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            timings = chunk.get("timings") or timings
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    text.append(piece)
+                    arrivals.append(time.perf_counter())
+    wall_s = time.perf_counter() - start_s
+    span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else 0.0
+    run = Run("".join(text), tokens, (tokens - 1) / span if span else 0.0, wall_s)
+    if "draft_n" in timings:
+        run.drafted, run.accepted = timings["draft_n"], timings.get("draft_n_accepted")
+    return run
+
+
+def metric(port: int, name: str) -> float:
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def single_stream(targets: list[Target], prompts: dict[str, str], rounds: int, max_tokens: int) -> None:
+    """Every target up at once; each round runs every prompt on every target, the order rotating, so a noisy
+    neighbour on the machine hits all targets alike."""
+    rows: dict[str, dict[str, list[Run]]] = {t.name: {n: [] for n in prompts} for t in targets}
+    acceptance: dict[str, str] = {}
+    procs = [start(t) for t in targets]
+    try:
+        for target in targets:
+            chat(target.port, "Hello", 8)  # warm-up
+        for i in range(rounds):
+            for name, prompt in prompts.items():
+                for j in range(len(targets)):
+                    target = targets[(i + j) % len(targets)]
+                    rows[target.name][name].append(chat(target.port, prompt, max_tokens))
+        for target in targets:
+            if target.qanat:
+                drafted = metric(target.port, "qanat_spec_decode_num_draft_tokens_total")
+                accepted = metric(target.port, "qanat_spec_decode_num_accepted_tokens_total")
+                steps = metric(target.port, "qanat_spec_decode_num_drafts_total")
+                acceptance[target.name] = (f"{int(accepted)}/{int(drafted)} = {accepted / drafted:.2f}, "
+                                           f"{drafted / steps:.1f} per draft" if drafted else "no drafts")
+            else:
+                runs = [r for rs in rows[target.name].values() for r in rs if r.drafted]
+                drafted_n = sum(r.drafted or 0 for r in runs)
+                accepted_n = sum(r.accepted or 0 for r in runs)
+                acceptance[target.name] = (f"{accepted_n}/{drafted_n} = {accepted_n / drafted_n:.2f}"
+                                           if drafted_n else "no drafts")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    for target in targets:
+        print(target.name, {n: [round(r.decode_tok_s, 1) for r in runs] for n, runs in rows[target.name].items()},
+              file=sys.stderr)
+    base = targets[0].name
+    names = list(prompts)
+    print(f"\n| target | {' | '.join(f'{n} tok/s' for n in names)} | mean | × {base} | "
+          f"same text as {base} | drafts accepted |")
+    print("|---|" + "---|" * (len(names) + 4))
+    base_mean = statistics.mean(statistics.median(r.decode_tok_s for r in rows[base][n]) for n in names)
+    for target in targets:
+        medians = [statistics.median(r.decode_tok_s for r in rows[target.name][n]) for n in names]
+        mean = statistics.mean(medians)
+        same = sum(rows[target.name][n][0].text == rows[base][n][0].text for n in names)
+        tokens = "/".join(str(rows[target.name][n][0].tokens) for n in names)
+        print(f"| {target.name} | {' | '.join(f'{m:.1f}' for m in medians)} | {mean:.1f} | "
+              f"{mean / base_mean:.2f} | {same}/{len(names)} ({tokens} tokens) | {acceptance[target.name]} |")
+
+
+def concurrency(targets: list[Target], rounds: int, max_tokens: int) -> None:
+    prompts = [f"Tell me about {topic}, in a few paragraphs." for topic in TOPICS]
+    results: dict[str, list[float]] = {t.name: [] for t in targets}
+    procs = {t.name: start(t) for t in targets}  # both up; they take turns, one at a time
+    try:
+        for target in targets:
+            chat(target.port, "Hello", 8)
+        for i in range(rounds):
+            for target in targets if i % 2 == 0 else reversed(targets):
+                start_s = time.perf_counter()
+                with ThreadPoolExecutor(len(prompts)) as pool:
+                    runs = list(pool.map(lambda p, port=target.port: chat(port, p, max_tokens), prompts))
+                results[target.name].append(sum(r.tokens for r in runs) / (time.perf_counter() - start_s))
+        notes = {t.name: f"{int(metric(t.port, 'qanat_spec_decode_num_accepted_tokens_total'))}/"
+                         f"{int(metric(t.port, 'qanat_spec_decode_num_draft_tokens_total'))}" for t in targets}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+    base = statistics.median(results[targets[0].name])
+    print(f"\n| target | aggregate tok/s per round | median | × {targets[0].name} | drafts accepted |")
+    print("|---|---|---|---|---|")
+    for target in targets:
+        values = results[target.name]
+        print(f"| {target.name} | {', '.join(f'{v:.1f}' for v in values)} | {statistics.median(values):.1f} | "
+              f"{statistics.median(values) / base:.2f} | {notes[target.name]} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["repetitive", "open", "concurrency"], required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--llama-server-types", default="none,ngram-simple,ngram-mod,ngram-map-k,ngram-cache")
+    args = parser.parse_args()
+    off, on = qanat("qanat off", 8301), qanat("qanat ngram", 8302, "--speculative", "ngram")
+    if args.part == "repetitive":
+        servers = [llama_server(f"llama-server {t}", 8310 + i, "--spec-type", t)
+                   for i, t in enumerate(args.llama_server_types.split(","))]
+        single_stream([off, on, *servers], REPETITIVE, args.rounds, args.max_tokens or 192)
+    elif args.part == "open":
+        single_stream([off, on], OPEN, args.rounds, args.max_tokens or 192)
+    else:
+        concurrency([off, on], args.rounds, args.max_tokens or 128)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

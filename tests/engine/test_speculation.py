@@ -1,0 +1,249 @@
+"""Speculative decoding without weights: prompt lookup, the draft-length policy, the scheduler's grants, and the
+engine on the fake executor (which verifies drafts as llama.cpp's executor does and checks every position
+against its per-sequence "KV", so a token accounted twice or a draft's KV left behind breaks the next step)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from qanat.build import build_fake_engine
+from qanat.config import ConfigError, EngineConfig
+from qanat.engine.client import FinishReason
+from qanat.engine.core.request import Request, RequestState
+from qanat.engine.core.scheduler import Scheduler
+from qanat.engine.core.speculation import NgramIndex, SpeculationConfig, Speculator
+from qanat.engine.executors.fake import FakeExecutor
+from qanat.engine.local import LocalEngine
+from qanat.engine.sampling import SamplingParams
+from tests.helpers import collect, run, text_of, tokenize, tokens_of
+
+CONFIG = EngineConfig(ctx=512, parallel=4, batch_tokens=128, max_waiting=8)
+
+
+def engine_with(mode: str, **kwargs: int) -> LocalEngine:
+    return build_fake_engine(EngineConfig(ctx=512, parallel=4, batch_tokens=128, max_waiting=8, speculative=mode,
+                                          **kwargs))
+
+
+@pytest.fixture()
+def engines() -> Iterator[tuple[LocalEngine, LocalEngine]]:
+    off, on = engine_with("off"), engine_with("ngram")
+    yield off, on
+    off.shutdown()
+    on.shutdown()
+
+
+def executor(engine: LocalEngine) -> FakeExecutor:
+    fake = engine.core.executor
+    assert isinstance(fake, FakeExecutor)
+    return fake
+
+
+def repetitive_prompt(engine: LocalEngine, seed_text: str) -> list[int]:
+    """A prompt whose greedy continuation it already contains: the fake's logits depend on the last 4 tokens, so
+    after `P + G + P` (G = P's greedy output) the model says G again, and prompt lookup finds it."""
+    prompt = tokenize(engine, seed_text)
+    greedy = tokens_of(run(collect(engine, prompt, SamplingParams(temperature=0, max_tokens=60))))
+    return prompt + greedy + prompt[1:]
+
+
+# -- prompt lookup -----------------------------------------------------------------------------------------
+
+def test_ngram_index_continues_the_longest_latest_match() -> None:
+    index = NgramIndex(2, 4)
+    tokens = [1, 2, 3, 4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]
+    index.extend(tokens)
+    # "1 2 3" (3-gram) last occurred at the start, followed by 4 9 9; "2 3" alone would point at "5 6".
+    assert index.draft(tokens, 3) == ([4, 9, 9], 3)
+    assert index.draft(tokens, 20)[0] == [4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]  # up to the end of what is known
+    assert index.draft([*tokens, 42], 3) == ([], 0)  # "3 42" never occurred
+
+
+def test_ngram_index_grown_step_by_step_equals_built_at_once() -> None:
+    tokens = [5, 6, 7, 5, 6, 8, 5, 6, 7, 9, 5, 6, 7]
+    grown = NgramIndex(2, 3)
+    for n in range(1, len(tokens) + 1):
+        grown.extend(tokens[:n])
+    whole = NgramIndex(2, 3)
+    whole.extend(tokens)
+    assert grown.draft(tokens, 4) == whole.draft(tokens, 4) == ([9, 5, 6, 7], 3)
+
+
+# -- how many tokens to draft ------------------------------------------------------------------------------
+
+def decoding_request(rid: str, tokens: list[int], max_tokens: int = 100) -> Request:
+    request = Request(rid, tokens[:-1], SamplingParams(temperature=0), max_tokens)
+    request.output_ids = tokens[-1:]
+    request.state = RequestState.DECODING
+    return request
+
+
+def confident(speculator: Speculator, request: Request) -> None:
+    """Eight drafts of 8 kept in full, for the n-gram length its next draft matches."""
+    speculator.propose([request], 1, 1)
+    for _ in range(8):
+        speculator.record(request.request_id, 8, 8)
+
+
+def test_a_lone_confident_stream_drafts_long_a_crowded_batch_hardly_and_a_doubtful_one_not_at_all() -> None:
+    cycle = list(range(10, 30))
+    speculator = Speculator(SpeculationConfig(mode="ngram", draft_max=16))
+    lone = decoding_request("lone", cycle * 3)
+    confident(speculator, lone)
+    alone = speculator.propose([lone], 1, 100)["lone"]
+    assert 8 <= len(alone) <= 16 and alone == (cycle * 2)[:len(alone)]
+    # Drafts that keep failing: acceptance falls and the request stops drafting.
+    for _ in range(6):
+        speculator.record("lone", 2, 0)
+    assert speculator.propose([lone], 1, 100) == {}
+
+    # 16 streams decoding: each token must be nearly sure to pay for itself, so drafts are shorter.
+    crowd = [decoding_request(f"r{i}", [1000 * i + t for t in cycle] * 3) for i in range(16)]
+    for r in crowd:
+        confident(speculator, r)
+    crowded = speculator.propose(crowd, 16, 100)
+    assert max(len(d) for d in crowded.values()) < len(alone)
+    assert sum(len(d) for d in crowded.values()) <= 100
+
+
+
+def test_after_a_rejection_a_request_pauses_then_tries_again_later_and_later() -> None:
+    speculator = Speculator(SpeculationConfig(mode="ngram"))
+    request = decoding_request("r", list(range(10, 30)) * 3)
+
+    def steps_until_it_drafts() -> int:
+        for step in range(1, 100):
+            if speculator.propose([request], 1, 100):
+                return step
+        return 100
+
+    assert steps_until_it_drafts() == 1  # the prior: worth a 1-token try
+    speculator.record("r", 1, 0)
+    first_pause = steps_until_it_drafts()
+    speculator.record("r", 1, 0)
+    second_pause = steps_until_it_drafts()
+    assert 5 < first_pause < second_pause < 100
+
+
+def test_no_drafts_in_a_step_full_of_prompt_nor_past_max_tokens_nor_when_the_request_opts_out() -> None:
+    cycle = list(range(10, 30))
+    speculator = Speculator(SpeculationConfig(mode="ngram", draft_max=16))
+    request = decoding_request("r", cycle * 3, max_tokens=4)
+    confident(speculator, request)
+    assert speculator.propose([request], 300, 200) == {}  # a 300-token step: drafts cost more than they bring
+    drafts = speculator.propose([request], 1, 100)
+    assert len(drafts["r"]) == 2  # 4 - 1 output - 1: every token a verification can yield fits max_tokens
+    shy = Request("shy", cycle * 3, SamplingParams(temperature=0, speculative=False), 50)
+    shy.output_ids, shy.state = [10], RequestState.DECODING
+    assert speculator.propose([shy], 1, 100) == {}
+
+
+def test_scheduler_grants_drafts_after_real_tokens_and_counts_kept_ones_as_computed() -> None:
+    speculator = Speculator(SpeculationConfig(mode="ngram", draft_max=4))
+    sched = Scheduler(num_slots=2, context_length=256, max_batch_tokens=64, speculator=speculator)
+    cycle = list(range(10, 20))
+    request = Request("r", cycle * 3, SamplingParams(temperature=0), 40)
+    sched.add(request)
+    plan = sched.schedule()
+    assert [(c.start_pos, len(c.token_ids), c.draft_ids) for c in plan.chunks] == [(0, 30, ())]
+    sched.update(plan, {"r": 10})  # the prompt's next token, as the cycle goes on
+    confident(speculator, request)
+    plan = sched.schedule()
+    (chunk,) = plan.chunks
+    assert (chunk.start_pos, chunk.token_ids, chunk.draft_ids) == (30, [10], (11, 12, 13, 14))
+    assert plan.num_tokens == 5
+    # Verification kept drafts 11 and 12 and sampled 99 after them: output 11, 12, 99.
+    sched.update(plan, {"r": 11})
+    for token in (12, 99):
+        assert not sched.append_verified(request, token, False).finished
+    assert request.output_ids == [10, 11, 12, 99]
+    assert request.num_computed_tokens == request.num_tokens - 1 == 33
+    assert sched.slots[request.slot or 0].token_ids == request.all_token_ids[:-1]
+
+
+# -- the engine on the fake executor ---------------------------------------------------------------------
+
+def test_greedy_output_is_the_same_with_and_without_speculation(engines: tuple[LocalEngine, LocalEngine]) -> None:
+    off, on = engines
+    prompts = [repetitive_prompt(off, f"copy this text number {i} please") for i in range(4)]
+    prompts += [tokenize(off, f"an open question {i}") for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    assert [tokens_of(run(collect(on, p, params))) for p in prompts] == \
+        [tokens_of(run(collect(off, p, params))) for p in prompts]
+    stats = on.stats()
+    assert executor(on).drafted_tokens > 0 and stats.spec_draft_tokens == executor(on).drafted_tokens
+    assert stats.spec_accepted_tokens > 0.8 * stats.spec_draft_tokens  # the repeated outputs are found
+    assert stats.steps < off.stats().steps  # several tokens per step
+    assert off.stats().spec_draft_tokens == 0
+
+
+def test_stop_strings_stop_tokens_max_tokens_and_logprobs_cut_where_they_would(
+        engines: tuple[LocalEngine, LocalEngine]) -> None:
+    off, on = engines
+    prompt = repetitive_prompt(off, "the quick brown fox")
+    full = text_of(run(collect(off, prompt, SamplingParams(temperature=0, max_tokens=60))))
+    cases = [
+        SamplingParams(temperature=0, max_tokens=60, stop=(full[20:23],)),
+        SamplingParams(temperature=0, max_tokens=60, stop_token_ids=(tokens_of(run(collect(
+            off, prompt, SamplingParams(temperature=0, max_tokens=60))))[17],)),
+        SamplingParams(temperature=0, max_tokens=13),
+        SamplingParams(temperature=0, max_tokens=30, logprobs=2),
+    ]
+    for params in cases:
+        want, got = run(collect(off, prompt, params)), run(collect(on, prompt, params))
+        assert tokens_of(got) == tokens_of(want) and text_of(got) == text_of(want)
+        assert got[-1].finish_reason == want[-1].finish_reason
+        assert got[-1].num_output_tokens == want[-1].num_output_tokens
+        assert [d.logprobs for d in got if d.token_ids] == [d.logprobs for d in want if d.token_ids]
+    assert run(collect(on, prompt, cases[0]))[-1].finish_reason is FinishReason.STOP
+    assert on.stats().spec_accepted_tokens > 0
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_and_without_speculation(
+        engines: tuple[LocalEngine, LocalEngine]) -> None:
+    # Each position is sampled by the request's own sampler, one draw per output token, in order: the random
+    # stream is consumed exactly as without drafts.
+    off, on = engines
+    prompt = repetitive_prompt(off, "sampled but repetitive")
+    params = SamplingParams(temperature=0.3, seed=7, max_tokens=40)
+    assert tokens_of(run(collect(on, prompt, params))) == tokens_of(run(collect(off, prompt, params)))
+
+
+def test_concurrent_requests_with_speculation_match_their_solo_runs(engines: tuple[LocalEngine, LocalEngine]) -> None:
+    off, on = engines
+    prompts = [repetitive_prompt(off, f"doc {i} to be rewritten") for i in range(6)]  # 6 requests, 4 slots
+    # Different lengths, so the batch thins out and the last ones draft (a full batch leaves little to gain).
+    params = [SamplingParams(temperature=0, max_tokens=20 + 8 * i) for i in range(6)]
+    alone = [tokens_of(run(collect(off, p, q))) for p, q in zip(prompts, params, strict=True)]
+
+    async def together() -> list[list[int]]:
+        results = await asyncio.gather(*(collect(on, p, q) for p, q in zip(prompts, params, strict=True)))
+        return [tokens_of(r) for r in results]
+
+    assert run(together()) == alone
+    assert on.stats().spec_accepted_tokens > 0
+
+
+def test_a_request_can_opt_out() -> None:
+    on = engine_with("ngram")
+    try:
+        prompt = repetitive_prompt(on, "leave me alone")
+        before = executor(on).drafted_tokens
+        run(collect(on, prompt, SamplingParams(temperature=0, max_tokens=40, speculative=False)))
+        assert executor(on).drafted_tokens == before
+        run(collect(on, prompt, SamplingParams(temperature=0, max_tokens=40)))
+        assert executor(on).drafted_tokens > before
+    finally:
+        on.shutdown()
+
+
+def test_config_refuses_unknown_modes_and_deterministic_speculation() -> None:
+    with pytest.raises(ConfigError, match="--speculative must be one of"):
+        EngineConfig(speculative="medusa")
+    with pytest.raises(ConfigError, match="--draft-max"):
+        EngineConfig(speculative="ngram", draft_max=0)
+    with pytest.raises(ConfigError, match="--deterministic"):
+        EngineConfig(speculative="ngram", deterministic=True, flash_attn="off")
