@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qanat.config import ConfigError
 from qanat.guard.scan import ScanSettings
 from qanat.guard.spans import CATEGORIES, parent_category
+from qanat.yamlfile import Lines, field_name, line_of, read_yaml
 
 Action = Literal["block", "redact", "log", "off"]
 Direction = Literal["input", "output"]
@@ -86,12 +86,10 @@ class GuardrailsPolicy(BaseModel):
                             topics={k: tuple(v) for k, v in self.blocked_topics.items()})
 
 
-def parse_policy(data: Any, source: str, lines: dict[tuple[str | int, ...], int] | None = None,
+def parse_policy(data: Any, source: str, lines: Lines | None = None,
                  prefix: tuple[str | int, ...] = ()) -> GuardrailsPolicy:
     """Validate `data`; errors say `SOURCE:LINE: guardrails.FIELD: what is wrong`. `prefix` is where `data`
     sits in the file whose `lines` (path -> line) are given."""
-    from qanat.router.config import _field, _line_of
-
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -101,29 +99,17 @@ def parse_policy(data: Any, source: str, lines: dict[tuple[str | int, ...], int]
     except ValidationError as e:
         first = e.errors()[0]
         loc = (*prefix, *first["loc"])
-        line = _line_of(loc, lines or {})
-        where = _field(("guardrails", *first["loc"]))
+        line = line_of(loc, lines or {})
+        where = field_name(("guardrails", *first["loc"]))
         message = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{source}:{line}: {where}: {message}") from e
 
 
 def load_policy_file(path: str | Path) -> GuardrailsPolicy:
     """A guardrails file: the policy at its top level, or under a `guardrails:` key."""
-    from qanat.router.config import _to_python
-
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from e
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
-    lines: dict[tuple[str | int, ...], int] = {}
-    data = _to_python(node, (), lines) if node is not None else {}
+    data, lines = read_yaml(path)
+    data = data if data is not None else {}
     if isinstance(data, dict) and set(data) == {"guardrails"}:
         return parse_policy(data["guardrails"], str(path), lines, ("guardrails",))
     return parse_policy(data, str(path), lines)

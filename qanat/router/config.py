@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qanat.config import FLASH_ATTN_MODES, ConfigError, EngineConfig
+from qanat.yamlfile import Lines, field_name, line_of, read_yaml
 
 if TYPE_CHECKING:
     from qanat.guard.policy import GuardrailsPolicy
@@ -125,33 +125,21 @@ class LoadedFile:
 def load_config_file(path: str | Path) -> LoadedFile:
     """Parse and validate; every error says `FILE:LINE: field: what is wrong`."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from e
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
-    if node is None:
+    data, lines = read_yaml(path)
+    if data is None:
         raise ConfigError(f"{path}:1: the file is empty; it needs a 'models' list")
-    lines: dict[tuple[str | int, ...], int] = {}
-    data = _to_python(node, (), lines)
     try:
         spec = QanatFile.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
         loc = tuple(first["loc"])
-        raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc) or 'file'}: {first['msg']}") from e
+        raise ConfigError(f"{path}:{line_of(loc, lines)}: {field_name(loc) or 'file'}: {first['msg']}") from e
     for loc, message in spec.reference_errors():
-        raise ConfigError(f"{path}:{_line_of(loc, lines)}: {_field(loc)}: {message}")
+        raise ConfigError(f"{path}:{line_of(loc, lines)}: {field_name(loc)}: {message}")
     return LoadedFile(spec, path, _guardrails(spec.guardrails, path, lines))
 
 
-def _guardrails(section: str | dict[str, Any] | None, path: Path, lines: dict[tuple[str | int, ...], int]
-                ) -> GuardrailsPolicy | None:
+def _guardrails(section: str | dict[str, Any] | None, path: Path, lines: Lines) -> GuardrailsPolicy | None:
     from qanat.guard.policy import load_policy_file, parse_policy
 
     if section is None:
@@ -159,38 +147,3 @@ def _guardrails(section: str | dict[str, Any] | None, path: Path, lines: dict[tu
     if isinstance(section, str):
         return load_policy_file(path.parent / section)
     return parse_policy(section, str(path), lines, ("guardrails",))
-
-
-def _to_python(node: yaml.Node, path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]) -> Any:
-    """The YAML node tree as plain data, remembering each value's line (1-based) by its path."""
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            key = str(key_node.value)
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            out[key] = _to_python(value_node, (*path, key), lines)
-            lines[(*path, key)] = key_node.start_mark.line + 1  # the key's line, for errors about it
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(item, (*path, i), lines) for i, item in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))  # a scalar, typed as YAML types it
-
-
-def _line_of(loc: tuple[Any, ...], lines: dict[tuple[str | int, ...], int]) -> int:
-    """The line of the deepest part of `loc` that the file has (a missing field: its parent's line)."""
-    for n in range(len(loc), -1, -1):
-        key = tuple(p for p in loc[:n] if not isinstance(p, str) or not p.startswith("function-"))
-        if key in lines:
-            return lines[key]
-    return 1
-
-
-def _field(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif isinstance(part, str) and not part.startswith("function-"):
-            out += f".{part}" if out else part
-    return out
