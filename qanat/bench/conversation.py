@@ -6,7 +6,6 @@ and answer. Reported per turn: TTFT, cached prompt tokens; and the aggregate out
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import statistics
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from qanat.bench.loadgen import RequestRecord, _chunk_text, _read_usage
+from qanat.bench.loadgen import RequestRecord, stream_request
 from qanat.bench.workload import _words
 
 
@@ -53,36 +52,10 @@ def _questions(spec: ConversationSpec) -> list[list[str]]:
 
 async def _stream_turn(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
                        ) -> TurnRecord:
-    record = TurnRecord()
-    start = time.perf_counter()
     pieces: list[str] = []
-    try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                record.error_kind = "http_5xx" if response.status_code >= 500 else "http_4xx"
-                record.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
-                return record
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    record.ok = True
-                    break
-                payload = json.loads(data)
-                if text := _chunk_text(payload):
-                    now = time.perf_counter() - start
-                    record.ttft_s = record.ttft_s if record.ttft_s is not None else now
-                    record.chunk_times_s.append(now)
-                    pieces.append(text)
-                if payload.get("usage"):
-                    _read_usage(record, payload["usage"])
-    except (httpx.HTTPError, ValueError) as e:
-        record.error_kind, record.error = type(e).__name__, str(e)
-    finally:
-        record.e2e_s = time.perf_counter() - start
+    record = TurnRecord()
+    await stream_request(client, url, body, headers, into=record, texts=pieces)
     record.text = "".join(pieces)
-    record.output_tokens = record.output_tokens or len(record.chunk_times_s)
     return record
 
 

@@ -72,9 +72,12 @@ def _read_usage(record: RequestRecord, usage: dict[str, Any]) -> None:
 
 
 async def stream_request(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+    into: RequestRecord | None = None, texts: list[str] | None = None,
 ) -> RequestRecord:
-    record = RequestRecord()
+    """One streamed request, timed as the client sees it, into `into` (a fresh RequestRecord by default); the
+    content chunks' text is appended to `texts` when given."""
+    record = into if into is not None else RequestRecord()
     start = time.perf_counter()
     chunks = 0
     done = False
@@ -95,7 +98,9 @@ async def stream_request(
                 payload = json.loads(data)
                 if not isinstance(payload, dict):
                     raise ValueError(f"an SSE event is not a JSON object: {data[:80]}")
-                if _chunk_text(payload):
+                if text := _chunk_text(payload):
+                    if texts is not None:
+                        texts.append(text)
                     now = time.perf_counter() - start
                     if record.ttft_s is None:
                         record.ttft_s = now
