@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qanat.energy.accounting import EnergyTotals
@@ -86,6 +86,29 @@ class Replica:
 
     def succeeded(self) -> None:
         self.consecutive_failures = 0
+
+    def take(self, max_tokens: int) -> None:
+        """A request goes to this replica: it counts as outstanding until `release`."""
+        self.view.outstanding += 1
+        self.view.outstanding_tokens += max_tokens
+
+    def release(self, max_tokens: int) -> None:
+        self.view.outstanding -= 1
+        self.view.outstanding_tokens -= max_tokens
+
+
+@dataclass
+class _Attempts:
+    """One request's tries before its first token: where, how many failed, and whether every one was only full."""
+
+    tried: set[str] = field(default_factory=set)
+    failures: int = 0
+    all_full: bool = True
+
+    @property
+    def only_full(self) -> bool:
+        """Every replica tried was at capacity: the client should retry later (429), not see a failure."""
+        return bool(self.tried) and self.all_full
 
 
 _RETRYABLE = (EngineUnavailableError, RequestFailedError, QueueFullError)
@@ -161,28 +184,25 @@ class ModelRouter:
                        hints: RequestHints | None = None) -> AsyncIterator[Delta]:
         entered_s = time.perf_counter()
         route = RouteRequest(prompt, params.max_tokens or 0, hints.session if hints else None)
-        tried: set[str] = set()
-        failures = 0
-        all_full = True  # every replica tried so far was only full: the client should retry later (429)
+        attempts = _Attempts()
         sent: list[int] = []  # token ids already streamed to the client
         prompt_ids: tuple[int, ...] | None = None  # the first replica's rendered prompt, for a continuation
         first: Delta | None = None
         continued_after: int | None = None  # tokens already sent when the replica now streaming took over
         while True:
-            replica = self._choose(route, tried, continuation=first is not None)
+            replica = self._choose(route, attempts.tried, continuation=first is not None)
             if replica is None:
-                if first is None and tried and all_full:
+                if first is None and attempts.only_full:
                     raise QueueFullError(f"model {self.name}: every replica is at capacity")
                 if first is None and self.fallbacks:
                     async for delta in self._fallback(prompt, params, request_id, hints):
                         yield delta
                     return
                 raise EngineUnavailableError(self._unavailable_message(first is not None))
-            tried.add(replica.name)
+            attempts.tried.add(replica.name)
             self.metrics.overhead.labels(self.name).observe(time.perf_counter() - entered_s)
             target: Prompt = prompt if first is None else TokenPrompt(prompt_ids or (), tuple(sent))
-            replica.view.outstanding += 1
-            replica.view.outstanding_tokens += route.max_tokens
+            replica.take(route.max_tokens)
             started_s = time.perf_counter()
             try:
                 rendered = await replica.engine.render(target)
@@ -199,22 +219,16 @@ class ModelRouter:
                         replica.succeeded()
                 return
             except _RETRYABLE as e:
-                full = self._book_failure(replica, e)
-                all_full = all_full and full
-                if first is not None and not (replica.continuable and prompt_ids is not None):
+                if first is None:
+                    await self._retry_before_first(attempts, replica, e)
+                    continue
+                self._book_failure(replica, e)
+                if not (replica.continuable and prompt_ids is not None):
                     raise  # the client has tokens from an upstream that cannot be continued elsewhere
-                if first is None and not full:
-                    failures += 1
-                    if failures > self.max_retries:
-                        raise
-                    await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (failures - 1))
-                if first is not None:
-                    continued_after = len(sent)
-                    log.warning("replica %s failed mid-stream (%s); continuing after %d tokens", replica.name, e,
-                                len(sent))
+                continued_after = len(sent)
+                log.warning("replica %s failed mid-stream (%s); continuing after %d tokens", replica.name, e, len(sent))
             finally:
-                replica.view.outstanding -= 1
-                replica.view.outstanding_tokens -= route.max_tokens
+                replica.release(route.max_tokens)
 
     def _book_failure(self, replica: Replica, error: Exception) -> bool:
         """Count a replica's failure (a full queue is not one); returns whether it was only full."""
@@ -223,6 +237,17 @@ class ModelRouter:
             replica.failed(time.monotonic())
         self.metrics.requests.labels(self.name, replica.name, "full" if full else "failed").inc()
         return full
+
+    async def _retry_before_first(self, attempts: _Attempts, replica: Replica, error: Exception) -> None:
+        """Book a failure before the first token, then wait the backoff; re-raises `error` once the retries are
+        spent. A full replica is no failure: the next one is tried at once."""
+        full = self._book_failure(replica, error)
+        attempts.all_full = attempts.all_full and full
+        if not full:
+            attempts.failures += 1
+            if attempts.failures > self.max_retries:
+                raise error
+            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (attempts.failures - 1))
 
     # -- byte relay (plain upstreams) ------------------------------------------------------------------------
 
@@ -238,38 +263,28 @@ class ModelRouter:
         entered_s = time.perf_counter()
         max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
         route = RouteRequest(prompt, max_tokens, hints.session)
-        tried: set[str] = set()
-        failures = 0
-        all_full = True
+        attempts = _Attempts()
         while True:
-            replica = self._choose(route, tried, continuation=False)
+            replica = self._choose(route, attempts.tried, continuation=False)
             if replica is None:
-                if tried and all_full:
+                if attempts.only_full:
                     raise QueueFullError(f"model {self.name}: every replica is at capacity")
                 raise EngineUnavailableError(self._unavailable_message(False))
-            tried.add(replica.name)
+            attempts.tried.add(replica.name)
             self.metrics.overhead.labels(self.name).observe(time.perf_counter() - entered_s)
             engine = replica.engine
             assert isinstance(engine, RemoteEngine)
-            replica.view.outstanding += 1
-            replica.view.outstanding_tokens += max_tokens
+            replica.take(max_tokens)
             started_s = time.perf_counter()
             chunks = engine.relay(path, body)
             try:
                 first = await anext(chunks)
             except BaseException as e:
-                replica.view.outstanding -= 1
-                replica.view.outstanding_tokens -= max_tokens
+                replica.release(max_tokens)
                 await chunks.aclose()
                 if not isinstance(e, _RETRYABLE):
                     raise
-                full = self._book_failure(replica, e)
-                all_full = all_full and full
-                if not full:
-                    failures += 1
-                    if failures > self.max_retries:
-                        raise
-                    await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (failures - 1))
+                await self._retry_before_first(attempts, replica, e)
                 continue
             return RelayedStream(replica.name, self._relayed(replica, max_tokens, first, chunks, started_s))
 
@@ -287,8 +302,7 @@ class ModelRouter:
             self.metrics.latency.labels(self.name, replica.name).observe(time.perf_counter() - started_s)
             replica.succeeded()
         finally:
-            replica.view.outstanding -= 1
-            replica.view.outstanding_tokens -= max_tokens
+            replica.release(max_tokens)
             await chunks.aclose()
 
     def _choose(self, route: RouteRequest, tried: set[str], continuation: bool) -> Replica | None:
