@@ -62,6 +62,16 @@ async def collect(engine: Any, prompt: Prompt, params: SamplingParams = GREEDY) 
     return [d async for d in engine.generate(prompt, params)]
 
 
+async def killed_after(n: int, pid: int, deltas: AsyncIterator[Delta]) -> list[Delta]:
+    """Every delta of a stream, the process `pid` killed (SIGKILL) once `n` of them have arrived."""
+    got = []
+    async for delta in deltas:
+        got.append(delta)
+        if len(got) == n:
+            os.kill(pid, signal.SIGKILL)
+    return got
+
+
 @pytest.fixture()
 def pair() -> Iterator[tuple[LocalEngine, LocalEngine]]:
     a, b = fake(), fake()
@@ -127,15 +137,7 @@ def test_a_stream_whose_replica_dies_continues_on_another_without_losing_or_repe
         pid = dying.health().executor_pid
         assert pid is not None
 
-        async def interrupted() -> list[Delta]:
-            deltas = []
-            async for delta in r.generate(prompt, GREEDY):
-                deltas.append(delta)
-                if len(deltas) == 10:
-                    os.kill(pid, signal.SIGKILL)
-            return deltas
-
-        got = run(interrupted())
+        got = run(killed_after(10, pid, r.generate(prompt, GREEDY)))
         assert [d.replica for d in got[:10]] == ["r0"] * 10 and got[-1].replica == "r1"
         assert [t for d in got for t in d.token_ids] == [t for d in expected for t in d.token_ids]
         assert "".join(d.text for d in got) == "".join(d.text for d in expected)
@@ -163,17 +165,9 @@ def test_a_qanat_upstream_is_recognised_and_continues_a_stream_too() -> None:
         pid = dying.health().executor_pid
         assert pid is not None
 
-        async def interrupted() -> list[Delta]:
-            await remote.connect()
-            assert remote.is_qanat
-            deltas = []
-            async for delta in r.generate(prompt, GREEDY):
-                deltas.append(delta)
-                if len(deltas) == 7:
-                    os.kill(pid, signal.SIGKILL)
-            return deltas
-
-        got = run(interrupted())
+        run(remote.connect())
+        assert remote.is_qanat
+        got = run(killed_after(7, pid, r.generate(prompt, GREEDY)))
         assert got[-1].replica == "r1"
         assert "".join(d.text for d in got) == "".join(d.text for d in expected)
         assert got[-1].num_output_tokens == 40
