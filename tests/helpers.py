@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -15,6 +14,7 @@ import uvicorn
 from qanat.engine.client import ChatPrompt, Delta, TokenPrompt
 from qanat.engine.local import LocalEngine
 from qanat.engine.sampling import SamplingParams
+from tests.e2e.server import free_port
 
 T = TypeVar("T")
 
@@ -46,12 +46,6 @@ def tokens_of(deltas: list[Delta]) -> list[int]:
 
 def text_of(deltas: list[Delta]) -> str:
     return "".join(d.text for d in deltas)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -24,7 +24,8 @@ from qanat.engine.remote import RemoteEngine, RemoteSettings
 from qanat.router.router import ModelRouter
 from qanat.serving.pipeline import _relayed_sse
 from qanat.serving.state import ModelRegistry
-from tests.helpers import free_port, run, served
+from tests.e2e.server import free_port
+from tests.helpers import run, served
 from tests.router.test_router import fake, router
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "temperature": 0,
