@@ -63,12 +63,17 @@ class Proc:
         self.proc.kill()
         self.proc.wait()
 
+    def cpu_s(self) -> float:
+        """CPU seconds the process has used so far (user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-def serve_config(yaml_text: str) -> Proc:
+
+def serve_config(yaml_text: str, cpus: str | None = None) -> Proc:
     path = Path(tempfile.mkdtemp()) / "qanat.yaml"
     path.write_text(yaml_text)
     port = free_port()
-    return Proc([PY, "-m", "qanat.cli", "serve", "--config", str(path), "--port", str(port)], port)
+    return Proc(_pin([PY, "-m", "qanat.cli", "serve", "--config", str(path), "--port", str(port)], cpus), port)
 
 
 def chat(model: str, content: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
@@ -83,10 +88,41 @@ def ms(values: list[float], q: float) -> float:
 # -- added latency ----------------------------------------------------------------------------------------
 
 
-def latency(requests: int, concurrency: int) -> None:
-    port = free_port()
-    stub = Proc([PY, str(STUB), "--port", str(port)], port)
-    router = serve_config(f"""models:
+async def ttfb_load(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[float]:
+    """Time to the first byte of each streamed answer's body, `concurrency` requests at a time, with aiohttp and
+    no parsing: a load generator as light as Python allows, since it shares the cores with what it measures.
+    Each answer is read to its end and must end with [DONE]."""
+    import aiohttp
+
+    queue = list(reversed(bodies))
+    ttfb_s: list[float] = []
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while queue:
+            body = json.dumps({**queue.pop(), "stream": True}).encode()
+            started = time.perf_counter()
+            async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+                first = await response.content.readany()
+                ttfb_s.append(time.perf_counter() - started)
+                rest = await response.read()
+                assert response.status == 200 and (first + rest).endswith(b"data: [DONE]\n\n"), first + rest
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+    return ttfb_s
+
+
+def latency(requests: int, concurrency: int, upstream_delay_ms: float) -> None:
+    """Two layouts: every process free to use both cores (they contend: at concurrency 16 the whole loop is
+    CPU-bound, so the router's CPU per request shows up multiplied), and the router alone on core 1 with the stub
+    and the load generator on core 0, as a router on its own core sees it; direct runs use the same layout."""
+    bodies = [chat("stub", f"q{i}", 16) for i in range(requests)]
+    for pinned in (False, True):
+        client_cpus, router_cpus = ({0}, "1") if pinned else (os.sched_getaffinity(0), None)
+        port = free_port()
+        stub = Proc(_pin([PY, str(STUB), "--port", str(port), "--delay-ms", str(upstream_delay_ms)],
+                         "0" if pinned else None), port)
+        router = serve_config(f"""models:
   - name: stub
     policy: least_load
     replicas:
@@ -94,33 +130,42 @@ def latency(requests: int, concurrency: int) -> None:
         url: {stub.url}/v1
         model: stub
         parallel: {concurrency}
-""")
-    try:
-        bodies = [chat("stub", f"q{i}", 16) for i in range(requests)]
-        rounds: dict[str, list[float]] = {"direct": [], "router": []}
-        for turn in ("direct", "router", "direct", "router"):
-            url = (stub.url if turn == "direct" else router.url) + "/v1/chat/completions"
-            records, _ = asyncio.run(run_load(url, bodies, concurrency=concurrency))
-            failed = [r for r in records if not r.ok]
-            assert not failed, failed[0].error
-            rounds[turn] += [r.ttft_s for r in records if r.ttft_s is not None]
-        direct, routed = rounds["direct"], rounds["router"]
-        print(f"{requests} streamed requests x 2 rounds each, concurrency {concurrency}, 16 chunks each")
-        print("| | p50 ms | p90 ms | p99 ms |")
-        print("|---|---|---|---|")
-        print(f"| direct to the stub | {ms(direct, 50):.2f} | {ms(direct, 90):.2f} | {ms(direct, 99):.2f} |")
-        print(f"| through the router | {ms(routed, 50):.2f} | {ms(routed, 90):.2f} | {ms(routed, 99):.2f} |")
-        print(f"| added | {ms(routed, 50) - ms(direct, 50):.2f} | {ms(routed, 90) - ms(direct, 90):.2f} | "
-              f"{ms(routed, 99) - ms(direct, 99):.2f} |")
-        overhead = httpx.get(f"{router.url}/metrics").text
-        line = next(x for x in overhead.splitlines() if x.startswith("qanat_router_overhead_seconds_sum"))
-        count = next(x for x in overhead.splitlines() if x.startswith("qanat_router_overhead_seconds_count"))
-        mean_us = 1e6 * float(line.split()[-1]) / float(count.split()[-1])
-        print(f"\nthe router's own work before the replica gets a request (qanat_router_overhead_seconds): "
-              f"mean {mean_us:.0f} µs")
-    finally:
-        router.stop()
-        stub.stop()
+""", cpus=router_cpus)
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, client_cpus)
+        try:
+            rounds: dict[str, list[float]] = {"direct": [], "router": []}
+            router_cpu_s = 0.0
+            for turn in ("direct", "router") * 3:
+                url = (stub.url if turn == "direct" else router.url) + "/v1/chat/completions"
+                cpu_before_s = router.cpu_s()
+                rounds[turn] += asyncio.run(ttfb_load(url, bodies, concurrency))[concurrency:]  # after warm-up
+                router_cpu_s += router.cpu_s() - cpu_before_s if turn == "router" else 0.0
+            direct, routed = rounds["direct"], rounds["router"]
+            layout = "router on core 1; stub and load generator on core 0" if pinned else "no pinning, 2 cores"
+            print(f"\n{layout}: {requests} streamed requests x 3 rounds each (first {concurrency} of each round "
+                  f"left out), concurrency {concurrency}, upstream's first byte after {upstream_delay_ms:g} ms, "
+                  f"time to first byte")
+            print("| | p50 ms | p90 ms | p99 ms |")
+            print("|---|---|---|---|")
+            print(f"| direct to the stub | {ms(direct, 50):.2f} | {ms(direct, 90):.2f} | {ms(direct, 99):.2f} |")
+            print(f"| through the router | {ms(routed, 50):.2f} | {ms(routed, 90):.2f} | {ms(routed, 99):.2f} |")
+            print(f"| added | {ms(routed, 50) - ms(direct, 50):.2f} | {ms(routed, 90) - ms(direct, 90):.2f} | "
+                  f"{ms(routed, 99) - ms(direct, 99):.2f} |")
+            text = httpx.get(f"{router.url}/metrics").text
+            total = next(x for x in text.splitlines() if x.startswith("qanat_router_overhead_seconds_sum"))
+            count = next(x for x in text.splitlines() if x.startswith("qanat_router_overhead_seconds_count"))
+            mean_us = 1e6 * float(total.split()[-1]) / float(count.split()[-1])
+            print(f"the router's own work before the replica gets a request (qanat_router_overhead_seconds): "
+                  f"mean {mean_us:.0f} µs; router CPU per request {1e3 * router_cpu_s / (3 * requests):.2f} ms")
+        finally:
+            os.sched_setaffinity(0, before)
+            router.stop()
+            stub.stop()
+
+
+def _pin(args: list[str], cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus, *args] if cpus else args
 
 
 # -- prefix ---------------------------------------------------------------------------------------------
@@ -262,9 +307,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=8, help="slots per local replica (prefix)")
+    parser.add_argument("--upstream-delay-ms", type=float, default=0.0,
+                        help="the stub's time to first byte (latency); 0 answers at once")
     args = parser.parse_args()
     if args.what == "latency":
-        latency(args.requests or 1000, args.concurrency)
+        latency(args.requests or 1000, args.concurrency, args.upstream_delay_ms)
     elif args.what == "prefix":
         prefix(args.requests or 48, args.concurrency, args.parallel)
     elif args.what == "failover":

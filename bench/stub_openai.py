@@ -1,56 +1,79 @@
-"""A stub OpenAI-compatible server that answers at once: 16 one-word chunks, usage, [DONE]. For measuring what a
-router in front of an upstream adds (bench/router_bench.py latency).
+"""A stub OpenAI-compatible server that answers at once: 16 one-word chunks, usage, [DONE], all in one write. For
+measuring what a router in front of an upstream adds (bench/router_bench.py latency).
 
-    .venv/bin/python bench/stub_openai.py --port 8101
+Plain ASGI with its answer built in advance, so that the stub itself costs as little CPU per request as it can:
+on a 2-core machine the stub, the load generator and the router share the cores, and every microsecond the stub
+spends is taken from the other two.
+
+    .venv/bin/python bench/stub_openai.py --port 8101 [--delay-ms 50]
+
+`--delay-ms` holds each answer that long before its first byte, as a real model's time to first token would: the
+router then sees the request rate a real upstream allows, instead of as many requests as the loop can turn.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
 import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 CHUNKS = 16
+DELAY_S = 0.0  # set by --delay-ms
+_HEAD = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": int(time.time()), "model": "stub"}
 
 
-async def models(_: Request) -> Response:
-    return JSONResponse({"object": "list", "data": [{"id": "stub", "object": "model", "owned_by": "stub"}]})
+def _event(payload: object) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
 
 
-async def ok(_: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+def _stream(include_usage: bool) -> bytes:
+    events = [_event({**_HEAD, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})]
+    for i in range(CHUNKS):
+        choice = {"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}
+        events.append(_event({**_HEAD, "choices": [choice]}))
+    events.append(_event({**_HEAD, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+    if include_usage:
+        usage = {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS}
+        events.append(_event({**_HEAD, "choices": [], "usage": usage}))
+    return b"".join(events) + b"data: [DONE]\n\n"
 
 
-async def chat(request: Request) -> Response:
-    body = await request.json()
-    head = {"id": "chatcmpl-stub", "object": "chat.completion.chunk", "created": int(time.time()), "model": "stub"}
-
-    async def events() -> AsyncIterator[str]:
-        yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}}]})}\n\n"
-        for i in range(CHUNKS):
-            choice = {"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}
-            yield f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-        done = {"index": 0, "delta": {}, "finish_reason": "length"}
-        yield f"data: {json.dumps({**head, 'choices': [done]})}\n\n"
-        if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS}
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+_STREAMS = {usage: _stream(usage) for usage in (False, True)}
+_JSON = {"/v1/models": json.dumps({"object": "list", "data": [{"id": "stub", "object": "model", "owned_by": "stub"}]}),
+         "/health": '{"status": "ok"}', "/ready": '{"status": "ok"}'}
 
 
-app = Starlette(routes=[Route("/v1/models", models), Route("/health", ok), Route("/ready", ok),
-                        Route("/v1/chat/completions", chat, methods=["POST"])])
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        include_usage = bool((json.loads(body).get("stream_options") or {}).get("include_usage"))
+        if DELAY_S:
+            await asyncio.sleep(DELAY_S)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        await send({"type": "http.response.body", "body": _STREAMS[include_usage]})
+        return
+    answer = _JSON.get(scope["path"])
+    await send({"type": "http.response.start", "status": 200 if answer else 404,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": (answer or '{"error": "not found"}').encode()})
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8101)
-    uvicorn.run(app, host="127.0.0.1", port=parser.parse_args().port, log_level="warning")
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    DELAY_S = args.delay_ms / 1000
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

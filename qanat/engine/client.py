@@ -7,7 +7,7 @@ a remote OpenAI-compatible upstream next. Nothing here knows llama.cpp.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -231,7 +231,7 @@ class RelayedStream:
     """An upstream's streamed answer passed through as it came: its SSE bytes, and which replica sends them."""
 
     replica: str
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncGenerator[bytes, None]  # closed by whoever consumes it, which frees the replica
 
 
 @runtime_checkable

@@ -289,7 +289,7 @@ class ModelRouter:
             return RelayedStream(replica.name, self._relayed(replica, max_tokens, first, chunks, started_s))
 
     async def _relayed(self, replica: Replica, max_tokens: int, first: bytes, chunks: AsyncGenerator[bytes, None],
-                       started_s: float) -> AsyncIterator[bytes]:
+                       started_s: float) -> AsyncGenerator[bytes, None]:
         try:
             yield first
             async for data in chunks:

@@ -6,6 +6,7 @@ writes the same error as an SSE event once a stream has begun.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -88,12 +89,22 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _response(exc: BaseException) -> JSONResponse:
+def exception_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, UpstreamError):  # an upstream's 4xx travels on as it was sent
         return JSONResponse(exc.body, status_code=exc.status)
     e = describe(exc)
     headers = {"Retry-After": str(e.retry_after_s)} if e.retry_after_s is not None else None
     return error_response(e.status, e.message, e.type, e.param, e.code, headers)
+
+
+def bearer_key_matches(authorization: bytes, keys: list[bytes]) -> bool:
+    """`Authorization: Bearer KEY` with one of `keys`, compared against every key in constant time, so timing
+    reveals neither which key nor how much matched."""
+    scheme, _, token = authorization.partition(b" ")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(token.strip(), key)
+    return scheme.lower() == b"bearer" and matched
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -117,7 +128,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), type_, headers=getattr(exc, "headers", None))
 
     async def _known(_: Request, exc: Exception) -> JSONResponse:
-        return _response(exc)
+        return exception_response(exc)
 
     # Each class registered by name: a handler for Exception alone runs outside the app's middleware, and
     # Starlette re-raises after it answers.

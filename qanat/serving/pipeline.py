@@ -1,6 +1,6 @@
 """A request's path through the serving layer, the same for every endpoint:
 
-    validate -> guard (input) -> tools -> [relay] -> render -> admit -> generate -> guard (output) -> format
+    validate -> guard (input) -> tools -> render -> admit -> generate -> guard (output) -> format
 
 `validate` turns the body into SamplingParams and prompts (pydantic did the types; LIMITS the ranges);
 `guard` (qanat/guard/) runs the input rails on every message and text prompt before anything is rendered: a
@@ -11,10 +11,9 @@ constrains the output with a grammar; its parser later splits each choice's outp
 `render` applies the chat template and tokenizes, off the event loop (EngineClient.render); `admit` finds the
 engine for the model and waits for the first delta, so that refusals (400, 429, 503) keep their status codes;
 `generate` gathers the choices' deltas; `format` writes OpenAI's JSON or SSE through an endpoint's
-ResponseFormat. `relay` short-cuts the rest for a streamed request to a model served by plain OpenAI-compatible
-upstreams (a router's remote replicas), when no guardrails are configured: the body goes there as it came and
-the upstream's SSE bytes come back untouched, with no Python work per token. A new capability (guardrails,
-routing) is a new step here, not a branch in each handler.
+ResponseFormat. A new capability (guardrails, routing) is a new step here, not a branch in each handler.
+(A streamed request to a model served only by plain OpenAI-compatible upstreams, with no tools and no guardrails,
+never gets here: relay.py answers it below FastAPI with the upstream's bytes, after the same validation.)
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.responses import Response
 
-from qanat.engine.client import ByteRelay, ChatPrompt, Delta, EngineClient, Prompt, RequestHints, TextPrompt
+from qanat.engine.client import ChatPrompt, Delta, EngineClient, Prompt, RequestHints, TextPrompt
 from qanat.engine.errors import InvalidRequestError
 from qanat.engine.sampling import SamplingParams
 from qanat.guard.rails import Guard, OutputRail
@@ -64,10 +63,6 @@ async def handle(body: Body, fmt: ResponseFormat, http: Request) -> Response:
                                       "guardrails redact or block", param="logprobs")
         tools = plan_tools(body, engine.card)
         hints = RequestHints(session=http.headers.get("x-session-id") or body.user, user=body.user)
-        # Relayed bytes pass no rail, and an input redaction would not reach the body sent as it came.
-        relayable = body.stream and tools is None and state.guard is None
-        if relayable and isinstance(engine, ByteRelay) and engine.can_relay():
-            return await relay(engine, body, prompts[0], hints, http)
         if tools is not None:
             params, prompts = tools.apply(params, prompts)
         rendered = await render(engine, prompts)
@@ -145,36 +140,6 @@ def _guard_prompts(guard: Guard, prompts: list[Prompt], param: str) -> list[Prom
 
 async def render(engine: EngineClient, prompts: list[Prompt]) -> list[Prompt]:
     return list(await asyncio.gather(*(engine.render(p) for p in prompts)))
-
-
-async def relay(engine: ByteRelay, body: Body, prompt: Prompt, hints: RequestHints, http: Request) -> Response:
-    path = "/chat/completions" if isinstance(body, ChatCompletionRequest) else "/completions"
-    request = body.model_dump(mode="json", exclude_unset=True, by_alias=True)
-    relayed = await _unless_disconnected(http, engine.relay(path, request, prompt, hints))
-    return StreamingResponse(_relayed_sse(relayed.chunks), media_type="text/event-stream",
-                             headers={"x-qanat-replica": relayed.replica})
-
-
-async def _relayed_sse(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The upstream's bytes as they come, whole events only (a cut between reads is held until its end comes);
-    a failure mid-stream drops a half-sent event and ends the stream with an error event, as `_sse` does."""
-    pending = b""
-    try:
-        async for data in chunks:
-            data = pending + data
-            end = data.rfind(b"\n\n") + 2  # 1 when no event ends in it
-            if end == 1:
-                pending = data
-                continue
-            pending = data[end:]
-            yield data[:end]
-    except Exception as e:
-        log.warning("relayed stream failed after its first bytes: %s", e)
-        yield _event(error_body(e)).encode()
-        yield b"data: [DONE]\n\n"
-        return
-    if pending:
-        yield pending
 
 
 def fan_out(prompts: list[Prompt], params: SamplingParams, n: int) -> list[Job]:

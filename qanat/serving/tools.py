@@ -103,16 +103,21 @@ class Tool:
         return {"type": "function", "function": function}
 
 
+def uses_tools(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Whether the tools step has anything to do, or to refuse, for this request."""
+    return isinstance(body, ChatCompletionRequest) and bool(
+        body.tools or body.tool_choice not in (None, "none", "auto")
+        or any(m.role == "tool" or m.tool_calls for m in body.messages))
+
+
 def plan_tools(body: ChatCompletionRequest | CompletionRequest, card: ModelCard) -> ToolPlan | None:
     """The tools step's validation: None for requests that neither offer tools nor carry tool messages."""
-    if not isinstance(body, ChatCompletionRequest):
+    if not isinstance(body, ChatCompletionRequest) or not uses_tools(body):
         return None
     has_tool_messages = any(m.role == "tool" or m.tool_calls for m in body.messages)
     choice = body.tool_choice
-    if not body.tools and not has_tool_messages:
-        if choice not in (None, "none", "auto"):
-            raise InvalidRequestError("tool_choice needs tools: the request has none", param="tool_choice")
-        return None
+    if not body.tools and not has_tool_messages:  # so tool_choice asks for a call
+        raise InvalidRequestError("tool_choice needs tools: the request has none", param="tool_choice")
     tools = _validate_tools(body.tools or [])
     _check_messages(body.messages)
     mode: Mode

@@ -22,7 +22,7 @@ from qanat.engine.executors.fake import FakeSpec
 from qanat.engine.local import LocalEngine
 from qanat.engine.remote import RemoteEngine, RemoteSettings
 from qanat.router.router import ModelRouter
-from qanat.serving.pipeline import _relayed_sse
+from qanat.serving.relay import relay_sse
 from qanat.serving.state import ModelRegistry
 from tests.e2e.server import free_port
 from tests.helpers import run, served
@@ -165,7 +165,7 @@ def test_relayed_events_are_regrouped_whole_whatever_the_reads() -> None:
             yield part
 
     async def collect() -> list[bytes]:
-        return [chunk async for chunk in _relayed_sse(reads())]
+        return [chunk async for chunk in relay_sse(reads())]
 
     out = run(collect())
     assert out == [b"data: 1\n\n", b"data: 22\n\ndata: 3\n\n", b"data: [DONE]\n\n"]
