@@ -70,7 +70,7 @@ class RelayMiddleware:
             await self.app(scope, _replay(raw, receive), send)
             return
         scope["route"] = route
-        await _answer(started, receive, send)
+        await _answer(started, scope, receive, send)
 
     def _start(self, route: RelayRoute, scope: Scope, raw: bytes) -> Awaitable[RelayedStream] | None:
         """The relay, started, when this request is one it may serve; None to hand it to the full pipeline."""
@@ -94,7 +94,7 @@ class RelayMiddleware:
         return engine.relay(route.upstream_path, request, prompt, hints)
 
 
-async def _answer(started: Awaitable[RelayedStream], receive: Receive, send: Send) -> None:
+async def _answer(started: Awaitable[RelayedStream], scope: Scope, receive: Receive, send: Send) -> None:
     """Wait for the upstream's first bytes, then stream them. A client that leaves, before or during the stream,
     cancels this task, and with it the upstream request (its replica freed at once); a failure before the first
     bytes is answered as the pipeline answers it."""
@@ -110,7 +110,7 @@ async def _answer(started: Awaitable[RelayedStream], receive: Receive, send: Sen
         try:
             relayed = await started
         except Exception as e:
-            await exception_response(e)({"type": "http"}, receive, send)
+            await exception_response(e)(scope, receive, send)
             return
         try:
             await send({"type": "http.response.start", "status": 200,
