@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.engine_throughput import summarize  # noqa: E402
+from bench.servers import Server  # noqa: E402
 from bench.workload import SENTENCES  # noqa: E402
 from qanat.bench.conversation import ConversationSpec, run_conversations, summarize_turns  # noqa: E402
 from qanat.bench.loadgen import run_load  # noqa: E402
@@ -41,41 +38,6 @@ from qanat.models.locate import default_model_path  # noqa: E402
 
 THREADS, SLOTS, CTX = 2, 16, 1024
 PROMPT_TOKENS, NEW_TOKENS, N_PROMPTS = 230, 64, 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, name: str, args: list[str]) -> None:
-        self.name, self.args = name, args
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen([*args, "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: see {self.log.name}")
-            time.sleep(0.2)
-        self.model = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
-
-    def stop(self, graceful: bool = False) -> None:
-        if graceful:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=60)
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
 
 
 def qanat(*extra: str) -> Server:

@@ -17,7 +17,6 @@ import os
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.servers import Server  # noqa: E402
 from qanat.bench.loadgen import run_load  # noqa: E402
 from qanat.bench.metrics import percentile  # noqa: E402
 
@@ -35,45 +35,11 @@ PY = sys.executable
 STUB = Path(__file__).resolve().parent / "stub_openai.py"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Proc:
-    def __init__(self, args: list[str], port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{args} did not become ready")
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def cpu_s(self) -> float:
-        """CPU seconds the process has used so far (user + system)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def serve_config(yaml_text: str, cpus: str | None = None) -> Proc:
+def serve_config(yaml_text: str, cpus: str | None = None) -> Server:
+    """`qanat serve --config`, ready once every model's replicas are (its /ready)."""
     path = Path(tempfile.mkdtemp()) / "qanat.yaml"
     path.write_text(yaml_text)
-    port = free_port()
-    return Proc(_pin([PY, "-m", "qanat.cli", "serve", "--config", str(path), "--port", str(port)], cpus), port)
+    return Server("router", _pin([PY, "-m", "qanat.cli", "serve", "--config", str(path)], cpus), ready_path="/ready")
 
 
 def chat(model: str, content: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
@@ -119,9 +85,7 @@ def latency(requests: int, concurrency: int, upstream_delay_ms: float) -> None:
     bodies = [chat("stub", f"q{i}", 16) for i in range(requests)]
     for pinned in (False, True):
         client_cpus, router_cpus = ({0}, "1") if pinned else (os.sched_getaffinity(0), None)
-        port = free_port()
-        stub = Proc(_pin([PY, str(STUB), "--port", str(port), "--delay-ms", str(upstream_delay_ms)],
-                         "0" if pinned else None), port)
+        stub = Server("stub", _pin([PY, str(STUB), "--delay-ms", str(upstream_delay_ms)], "0" if pinned else None))
         router = serve_config(f"""models:
   - name: stub
     policy: least_load
@@ -171,7 +135,7 @@ def _pin(args: list[str], cpus: str | None) -> list[str]:
 # -- prefix ---------------------------------------------------------------------------------------------
 
 
-def local_pair(policy: str, deterministic: bool = False, parallel: int = 8, waiting: int = 256) -> Proc:
+def local_pair(policy: str, deterministic: bool = False, parallel: int = 8, waiting: int = 256) -> Server:
     replica = """      - name: {name}
         gguf: default
         parallel: {parallel}
