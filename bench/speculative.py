@@ -30,6 +30,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.servers import Server  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_SERVER = Path("/tmp/lls/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server")
 
@@ -91,32 +94,19 @@ class Target:
 
 
 def qanat(name: str, port: int, *extra: str) -> Target:
-    return Target(name, [sys.executable, "-m", "qanat.cli", "serve", "--port", str(port), "--ctx", "1024",
+    return Target(name, [sys.executable, "-m", "qanat.cli", "serve", "--ctx", "1024",
                          "--parallel", "16", "--no-webui", *extra], port, True)
 
 
 def llama_server(name: str, port: int, *extra: str) -> Target:
     model = subprocess.run([sys.executable, "-c", "from qanat.models.locate import default_model_path as p; "
                             "print(p())"], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
-    return Target(name, [str(LLAMA_SERVER), "-m", model, "--port", str(port), "-t", "2", "-c", "4096", "-np", "1",
+    return Target(name, [str(LLAMA_SERVER), "-m", model, "-t", "2", "-c", "4096", "-np", "1",
                          "-nr", "--no-webui", *extra], port, False)
 
 
-def start(target: Target) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(target.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{target.port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target.name} exited with {proc.returncode}")
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"{target.name} did not start")
+def start(target: Target) -> Server:
+    return Server(target.name, target.argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, port=target.port)
 
 
 @dataclass
@@ -170,7 +160,7 @@ def single_stream(targets: list[Target], prompts: dict[str, str], rounds: int, m
     neighbour on the machine hits all targets alike."""
     rows: dict[str, dict[str, list[Run]]] = {t.name: {n: [] for n in prompts} for t in targets}
     acceptance: dict[str, str] = {}
-    procs = [start(t) for t in targets]
+    servers = [start(t) for t in targets]
     try:
         for target in targets:
             chat(target.port, "Hello", 8)  # warm-up
@@ -193,9 +183,8 @@ def single_stream(targets: list[Target], prompts: dict[str, str], rounds: int, m
                 acceptance[target.name] = (f"{accepted_n}/{drafted_n} = {accepted_n / drafted_n:.2f}"
                                            if drafted_n else "no drafts")
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        for server in servers:
+            server.stop()
     for target in targets:
         print(target.name, {n: [round(r.decode_tok_s, 1) for r in runs] for n, runs in rows[target.name].items()},
               file=sys.stderr)
@@ -217,7 +206,7 @@ def single_stream(targets: list[Target], prompts: dict[str, str], rounds: int, m
 def concurrency(targets: list[Target], rounds: int, max_tokens: int) -> None:
     prompts = [f"Tell me about {topic}, in a few paragraphs." for topic in TOPICS]
     results: dict[str, list[float]] = {t.name: [] for t in targets}
-    procs = {t.name: start(t) for t in targets}  # both up; they take turns, one at a time
+    servers = [start(t) for t in targets]  # both up; they take turns, one at a time
     try:
         for target in targets:
             chat(target.port, "Hello", 8)
@@ -230,9 +219,8 @@ def concurrency(targets: list[Target], rounds: int, max_tokens: int) -> None:
         notes = {t.name: f"{int(metric(t.port, 'qanat_spec_decode_num_accepted_tokens_total'))}/"
                          f"{int(metric(t.port, 'qanat_spec_decode_num_draft_tokens_total'))}" for t in targets}
     finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
+        for server in servers:
+            server.stop()
     base = statistics.median(results[targets[0].name])
     print(f"\n| target | aggregate tok/s per round | median | × {targets[0].name} | drafts accepted |")
     print("|---|---|---|---|---|")
