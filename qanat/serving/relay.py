@@ -78,18 +78,25 @@ class RelayMiddleware:
         if self.keys and not bearer_key_matches(headers.get(b"authorization", b""), self.keys):
             return None
         try:
-            body = route.model.model_validate_json(raw)
-            if not body.stream or uses_tools(body):
+            request = json.loads(raw)  # once: checked here, then sent as the client sent it
+        except ValueError:
+            return None
+        if not isinstance(request, dict) or request.get("stream") is not True:
+            return None
+        model = request.get("model")
+        engine = self.state.models.get(model) if isinstance(model, str) else None
+        if not isinstance(engine, ByteRelay) or not engine.can_relay():
+            return None  # the cheap tests first: requests for other models pay one json.loads here
+        try:
+            # As FastAPI validates a body (parsed JSON into the model), then the pipeline's range checks.
+            body = route.model.model_validate(request)
+            if uses_tools(body):
                 return None
-            engine = self.state.models.get(body.model)
-            if not isinstance(engine, ByteRelay) or not engine.can_relay():
-                return None
-            body.sampling_params()  # the pipeline's range checks: a bad value gets its 400 there
+            body.sampling_params()
             prompt = body.prompts()[0]
         except (ValidationError, InvalidRequestError, ValueError):
             return None
         session = headers.get(b"x-session-id", b"").decode("latin-1") or body.user
-        request = json.loads(raw)  # the client's fields as sent, the upstream's own extensions included
         hints = RequestHints(session=session, user=body.user)
         return engine.relay(route.upstream_path, request, prompt, hints)
 

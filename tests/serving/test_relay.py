@@ -72,6 +72,15 @@ def test_a_bad_request_gets_the_pipelines_400_and_never_reaches_the_upstream(cha
     assert relayed_requests(r) == 0 and r.replicas[0].view.outstanding == 0
 
 
+@pytest.mark.parametrize("raw", [b"[1, 2]", b'"hi"', b"{not json", json.dumps({**CHAT, "model": ["m"]}).encode(),
+                                 json.dumps({**CHAT, "stream": "yes please"}).encode()])
+def test_a_body_that_is_not_a_request_object_gets_a_400(raw: bytes) -> None:
+    with stub_upstream() as remote, routed(remote) as (url, r):
+        answer = httpx.post(f"{url}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_request_error"
+    assert relayed_requests(r) == 0
+
+
 def test_fields_the_client_sent_reach_the_upstream_as_sent() -> None:
     seen: list[dict[str, object]] = []
 
