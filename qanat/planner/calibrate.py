@@ -12,6 +12,7 @@ carries energy, is a linear least-squares fit of watts on the step's memory and 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import statistics
@@ -25,12 +26,16 @@ from qanat.planner.chips import ChipSpec
 from qanat.planner.efficiency import Efficiency
 from qanat.planner.model import ModelSpec
 from qanat.planner.serving import Engine, Traffic
-from qanat.planner.simulate import simulate_closed_loop
+from qanat.planner.simulate import REPLAYS, simulate_closed_loop
 from qanat.planner.step import Deployment
 
 FITTED = ("mem", "compute", "attention", "decode_attention", "step_s", "token_s")
 ROBUST_SCALE = 0.25  # log-error where the loss turns from quadratic to linear: runs hit by other load weigh less
 MIN_TPOT_TOKENS = 8  # a TPOT over fewer output tokens (the prefill runs') is a few gaps of noise: not fitted
+# Replays pooled per run inside the fit's loss (thousands of evaluations): fewer than a prediction's REPLAYS, enough
+# that a run's TTFT median does not flip between modes with one draw of output lengths.
+FIT_REPLAYS = 4
+LOGNORMAL_Q10 = 1.2816  # a standard normal's 90th percentile: ln(q50 / q10) of a lognormal is this many sigmas
 # A second start for the search: a host far from its datasheet (slow, overhead-heavy), where fits of
 # contended CPUs land; the better of the two fits is kept.
 _SLOW_START = {"mem": 0.3, "compute": 0.05, "attention": 0.05, "decode_attention": 0.01, "step_s": 0.05,
@@ -67,6 +72,23 @@ def _steady_medians(run: dict[str, Any]) -> tuple[float | None, float | None]:
     ttfts = [r["ttft_s"] for r in steady if r.get("ttft_s") is not None]
     tpots = [r["tpot_s"] for r in steady if r.get("tpot_s")]
     return (statistics.median(ttfts) if ttfts else None), (statistics.median(tpots) if tpots else None)
+
+
+def step_variation(result: dict[str, Any]) -> float:
+    """How much step times spread on the benchmarked host (sigma of their logarithm), from the requests'
+    inter-token gaps in the decode runs (requests of at least MIN_TPOT_TOKENS output tokens, at least 20 gaps). A
+    run's gaps mix steps of different loads: decode-only steps make its lower part, steps carrying prompt chunks its
+    upper tail; so each run's sigma is read from the lower half alone, as a lognormal's, ln(q50 / q10) / 1.2816, and
+    the result's is the median over its runs (0 when none qualifies)."""
+    sigmas = []
+    for run in result["runs"]:
+        gaps = sorted(b - a for r in run.get("requests") or []
+                      if r.get("ok") and (r.get("output_tokens") or 0) >= MIN_TPOT_TOKENS
+                      for a, b in itertools.pairwise(r.get("chunk_times_s") or []) if b > a)
+        if len(gaps) >= 20:
+            q10, q50 = gaps[len(gaps) // 10], gaps[len(gaps) // 2]
+            sigmas.append(math.log(q50 / q10) / LOGNORMAL_Q10)
+    return statistics.median(sigmas) if sigmas else 0.0
 
 
 def observations(result: dict[str, Any], steady: bool = True) -> list[Observation]:
@@ -148,12 +170,13 @@ def _with_params(base: Efficiency, xs: Sequence[float]) -> Efficiency:
 
 
 def predict_run(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency,
-                ob: Observation) -> tuple[float, float, float]:
+                ob: Observation, replays: int = REPLAYS) -> tuple[float, float, float]:
     """(TPOT, TTFT, output tokens/s) the model predicts for one observed run."""
     engine = Engine(model, chip, deploy, eff)
-    if ob.requests:  # the run as the benchmark ran it: its clients, requests, output lengths and first wave
+    if ob.requests:  # the run as the benchmark ran it, `replays` times: clients, requests, output lengths, first wave
         sim = simulate_closed_loop(engine, _traffic(ob), ob.concurrency, batch_cap=eff.max_batch,
-                                   chunk=eff.chunk_tokens, output_jitter=ob.output_jitter, requests=ob.requests)
+                                   chunk=eff.chunk_tokens, output_jitter=ob.output_jitter, requests=ob.requests,
+                                   replays=replays)
         return sim.tpot_s, sim.ttft_s, sim.output_tps
     op = engine.closed_loop(ob.concurrency, _traffic(ob), eff.max_batch)
     return op.tpot_s, op.ttft_s, op.output_tps
@@ -200,7 +223,7 @@ def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, 
         eff = _with_params(base, logs)
         total = 0.0
         for ob in usable:
-            tpot, ttft, _ = predict_run(model, chip, deploy, eff, ob)
+            tpot, ttft, _ = predict_run(model, chip, deploy, eff, ob, FIT_REPLAYS)
             if ob.output_tokens >= MIN_TPOT_TOKENS:
                 total += robust(math.log(tpot / ob.tpot_s))  # type: ignore[operator]
             if ob.ttft_s:

@@ -120,7 +120,7 @@ def plan_one(catalog: Catalog, model: ModelSpec, chip_name: str, args: argparse.
 
 def _calibrate(catalog: Catalog, args: argparse.Namespace) -> int:
     from qanat.bench.report import load_result
-    from qanat.planner.calibrate import fit, observations, save_profile
+    from qanat.planner.calibrate import fit, observations, save_profile, step_variation
 
     result = load_result(args.calibrate)
     model_ref = args.model
@@ -137,6 +137,7 @@ def _calibrate(catalog: Catalog, args: argparse.Namespace) -> int:
     engine = args.engine or ("qanat" if chip.chip_class == "cpu-host" else "optimized")
     base, label, _, _ = _efficiency(chip, precision, argparse.Namespace(**{**vars(args), "no_profile": True}))
     tp = args.tp or 1
+    base = replace(base, step_sigma=step_variation(result))  # measured, not fitted: the replays draw steps with it
     fitted = fit(model, chip, Deployment(tp, precision, kv), base, observations(result))
     path = save_profile(chip, engine, precision.name, model.name, fitted, str(args.calibrate))
     e = fitted.efficiency
@@ -144,7 +145,8 @@ def _calibrate(catalog: Catalog, args: argparse.Namespace) -> int:
           f"(start: {label})")
     print(f"  bandwidth efficiency {e.mem:.3f}, compute {e.compute:.3f}, attention {e.attention:.3g} "
           f"(decode {e.decode_attention_eff:.3g}), "
-          f"fixed per step {e.step_s * 1e3:.2f} ms, per decoded sequence {e.token_s * 1e3:.2f} ms")
+          f"fixed per step {e.step_s * 1e3:.2f} ms, per decoded sequence {e.token_s * 1e3:.2f} ms, "
+          f"step-time spread (log sigma, measured) {e.step_sigma:.3f}")
     if e.idle_w is not None:
         print(f"  power: idle {e.idle_w:.1f} W, memory share {e.power_mem:.3f}, compute share {e.power_compute:.3f}")
     for metric, r in fitted.residuals.items():

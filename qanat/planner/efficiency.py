@@ -42,6 +42,9 @@ class Efficiency:
     # Fraction of peak FLOPS in decode attention (one query per sequence against its cache: vector work, far
     # below the batched prefill kernels on CPUs); 0: the same as `attention`.
     decode_attention: float = 0.0
+    # Spread of step times around the model's (sigma of their logarithm): other work on the host, the serving
+    # process's own Python between steps. Replays (simulate.py) draw each step's time with it; 0: deterministic.
+    step_sigma: float = 0.0
 
     @property
     def decode_attention_eff(self) -> float:

@@ -191,8 +191,9 @@ def predict(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficienc
         sim = simulate_closed_loop(engine, w.traffic, w.concurrency, batch_cap=cap, chunk=eff.chunk_tokens,
                                    output_jitter=SIMULATED_OUTPUT_JITTER)
         pred.ttft_s, tpot, tps = sim.ttft_s, sim.tpot_s, sim.output_tps
-        pred.sources["queue model"] = (f"closed loop replayed step by step ({sim.requests} requests, output "
-                                       f"lengths +/-{SIMULATED_OUTPUT_JITTER:.0%})")
+        pred.sources["queue model"] = (f"closed loop replayed step by step ({sim.requests} requests pooled over "
+                                       f"replays, output lengths +/-{SIMULATED_OUTPUT_JITTER:.0%}, step times "
+                                       f"spread {eff.step_sigma:.2f} log-sigma)")
     pred.output_tps, pred.tpot_s = tps, tpot
     pred.output_tps_per_user = 1 / tpot
     pred.output_tps_per_chip = tps / deploy.chips

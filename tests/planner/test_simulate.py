@@ -1,15 +1,20 @@
 """The step-by-step closed loop: the no-load limit equals the step model, prompts batch into one step, arrivals
-at a step boundary wait for the step in flight, the first wave is left out, cached prefixes are not computed; and
-calibration reads steady-state medians and cached tokens from a bench result."""
+at a step boundary wait for the step in flight, the first wave is left out, cached prefixes are not computed,
+replays pool their requests and step times spread as measured; and calibration reads steady-state medians, cached
+tokens and the step-time spread from a bench result."""
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
+import statistics
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from qanat.planner.calibrate import observations
+from qanat.planner.calibrate import observations, step_variation
 from qanat.planner.chips import ChipSpec
 from qanat.planner.efficiency import default_efficiency
 from qanat.planner.model import ModelSpec
@@ -117,3 +122,75 @@ def test_decode_attention_has_its_own_efficiency() -> None:
     growth_fast = fast_engine.step(long_).total_s - fast_engine.step(short).total_s
     growth_slow = slow_engine.step(long_).total_s - slow_engine.step(short).total_s
     assert growth_slow > 5 * growth_fast
+
+
+def test_replays_pool_their_requests() -> None:
+    engine = _engine()
+    traffic = Traffic(300, 16)
+    kwargs: dict[str, Any] = {"batch_cap": 16, "chunk": 512, "output_jitter": 0.5, "requests": 40}
+    pooled = simulate_closed_loop(engine, traffic, 6, replays=4, seed=10, **kwargs)
+    singles = [simulate_closed_loop(engine, traffic, 6, replays=1, seed=s, **kwargs) for s in range(10, 14)]
+    ttfts = sorted(t for run in singles for t in run.ttfts_s)
+    assert pooled.ttfts_s == tuple(ttfts)  # replay k is the one-replay run of seed + k
+    assert pooled.requests == sum(run.requests for run in singles) == 4 * 34  # each leaves its first wave out
+    assert pooled.ttft_s == pytest.approx(statistics.median(ttfts))
+    assert pooled.output_tps == pytest.approx(statistics.fmean(run.output_tps for run in singles))
+
+
+def test_one_replay_median_is_one_draw_of_a_bimodal_ttft() -> None:
+    # Two 300-token prompts overflow a 512-token step, so a prompt rides in the step after it arrives or in the one
+    # after: two modes, near half the requests in each. One replay's median lands in either, depending on the output
+    # lengths drawn. Pooling 16 replays with deterministic steps still flips between the modes from one set of seeds
+    # to the next (the share sits at one half); with the step times spread as a host spreads them, the modes blur
+    # and the pooled median moves little.
+    eff, _ = default_efficiency("cpu-host")
+    deploy = Deployment(1, get_precision("bf16"), 2.0)
+    kwargs: dict[str, Any] = {"batch_cap": 16, "chunk": 512, "output_jitter": 0.5, "requests": 40}
+
+    def medians(sigma: float, replays: int) -> list[float]:
+        engine = Engine(MODEL, HOST, deploy, replace(eff, step_sigma=sigma))
+        return [simulate_closed_loop(engine, Traffic(300, 16), 6, replays=replays, seed=s, **kwargs).ttft_s
+                for s in range(0, 800, 100)]
+
+    singles, pooled, spread = medians(0.0, 1), medians(0.0, 16), medians(0.2, 16)
+    assert max(singles) > 1.5 * min(singles)
+    assert max(pooled) > 1.25 * min(pooled)
+    assert max(spread) < 1.15 * min(spread)
+
+
+def test_equal_output_lengths_and_steady_steps_replay_once() -> None:
+    engine = _engine()
+    sim = simulate_closed_loop(engine, Traffic(100, 10), 3, batch_cap=16, chunk=512, requests=12, replays=8)
+    assert sim.requests == 9  # one replay: 12 requests less the first wave of 3
+
+
+def test_step_time_spread_keeps_the_mean_and_spreads_ttft() -> None:
+    eff, _ = default_efficiency("cpu-host")
+    deploy = Deployment(1, get_precision("bf16"), 2.0)
+    steady = Engine(MODEL, HOST, deploy, eff)
+    noisy = Engine(MODEL, HOST, deploy, replace(eff, step_sigma=0.3))
+    one = simulate_closed_loop(steady, Traffic(100, 10), 1, batch_cap=16, chunk=512, requests=400)
+    spread = simulate_closed_loop(noisy, Traffic(100, 10), 1, batch_cap=16, chunk=512, requests=400, replays=4)
+    assert one.ttfts_s[-1] - one.ttfts_s[0] < 1e-12 and len(set(spread.ttfts_s)) > 100
+    assert spread.ttfts_s[0] < one.ttft_s < spread.ttfts_s[-1]
+    # Lognormal factors of mean 1: the mean step keeps the model's time (within sampling error over 1,600 prompts).
+    assert statistics.fmean(spread.ttfts_s) == pytest.approx(one.ttft_s, rel=0.03)
+    assert spread.ttft_s < one.ttft_s  # and the median of a lognormal lies below its mean
+
+
+def _gaps_run(gaps: list[list[float]], output_tokens: int) -> dict[str, Any]:
+    requests = [{"ok": True, "output_tokens": output_tokens, "chunk_times_s": list(itertools.accumulate(g))}
+                for g in gaps]
+    return {"load": 1, "requests": requests}
+
+
+def test_step_variation_reads_the_lower_half_of_the_gaps() -> None:
+    rng = random.Random(3)
+    sigma = 0.2
+    decode = [[0.1 * math.exp(rng.gauss(0, sigma)) for _ in range(30)] for _ in range(40)]
+    # Steps that carry prompt chunks: a tail of long gaps, a fifth of them, which the estimate must not read as spread.
+    with_prompts = [[g * (12 if i % 5 == 0 else 1) for i, g in enumerate(request)] for request in decode]
+    prefill_only = _gaps_run([[0.5, 0.5, 0.5]] * 40, 4)  # too few output tokens per request: left out
+    result = {"runs": [_gaps_run(decode, 31), _gaps_run(with_prompts, 31), prefill_only]}
+    assert step_variation(result) == pytest.approx(sigma, rel=0.15)
+    assert step_variation({"runs": [prefill_only]}) == 0.0
