@@ -324,7 +324,7 @@ async def _unless_disconnected(http: Request, awaitable: Awaitable[T]) -> T:
 # -- format: SSE ------------------------------------------------------------------------------------------
 
 
-def _event(payload: dict[str, Any]) -> str:
+def sse_event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
@@ -334,7 +334,7 @@ async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any]
         payload = {**head, "choices": choices}
         if include_usage:
             payload["usage"] = usage
-        return _event(payload)
+        return sse_event(payload)
 
     for i in range(len(generation.choices)):
         for entry in fmt.opening(i):
@@ -348,7 +348,7 @@ async def _sse(generation: Generation, fmt: ResponseFormat, head: dict[str, Any]
         # still ends as streams end, so clients never mistake a cut for a finished answer.
         if not isinstance(e, InvalidRequestError):
             log.warning("stream failed after its first token: %s", e)
-        yield _event(error_body(e))
+        yield sse_event(error_body(e))
         yield "data: [DONE]\n\n"
         return
     if include_usage:

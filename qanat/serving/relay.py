@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from qanat.engine.client import ByteRelay, RelayedStream, RequestHints
 from qanat.engine.errors import InvalidRequestError
 from qanat.serving.errors import bearer_key_matches, error_body, exception_response
+from qanat.serving.pipeline import sse_event
 from qanat.serving.protocol import ChatCompletionRequest, CompletionRequest
 from qanat.serving.state import AppState
 from qanat.serving.tools import uses_tools
@@ -156,7 +157,7 @@ async def relay_sse(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]
             yield data[:end]
     except Exception as e:
         log.warning("relayed stream failed after its first bytes: %s", e)
-        yield f"data: {json.dumps(error_body(e), ensure_ascii=False)}\n\n".encode()
+        yield sse_event(error_body(e)).encode()
         yield b"data: [DONE]\n\n"
         return
     if pending:
