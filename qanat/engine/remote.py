@@ -16,7 +16,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import httpx
 
 from qanat.energy.accounting import EnergyTotals
@@ -37,6 +36,7 @@ from qanat.engine.client import (
 )
 from qanat.engine.errors import EngineUnavailableError, InvalidRequestError
 from qanat.engine.sampling import ConstraintKind, SamplingParams
+from qanat.engine.upstream_http import UpstreamHTTP, UpstreamHTTPError, UpstreamStatus
 
 
 class UpstreamError(Exception):
@@ -78,8 +78,8 @@ class RemoteEngine:
         self._in_flight = 0
         self._energy_j = 0.0
         self._tokens = 0
-        self._aio: aiohttp.ClientSession | None = None  # the byte relay's client (see _relay_session)
-        self._aio_loop: asyncio.AbstractEventLoop | None = None
+        self._relay: UpstreamHTTP | None = None  # the byte relay's client (see _relay_client)
+        self._relay_loop: asyncio.AbstractEventLoop | None = None
 
     async def connect(self) -> None:
         """Read the upstream's card (context length, whether it is Qanat); raises UpstreamUnavailableError."""
@@ -139,34 +139,30 @@ class RemoteEngine:
         connection breaks or the stream ends without its `data: [DONE]` (only its tail is looked at)."""
         self._in_flight += 1
         try:
-            async with self._relay_session().post(self.settings.base_url.rstrip("/") + path,
-                                                  json={**body, "model": self.settings.model}) as response:
-                if response.status != 200:
-                    raise _status_error(response.status, await response.text())
-                tail = b""
-                async for data in response.content.iter_any():
-                    tail = (tail + data)[-32:]
-                    yield data
-                if _SSE_DONE not in tail:
-                    raise UpstreamUnavailableError(f"{self.settings.base_url}: the stream ended before [DONE]")
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise UpstreamUnavailableError(f"{self.settings.base_url}: {type(e).__name__}: {e}") from e
+            tail = b""
+            async for data in self._relay_client().post_stream(path, json.dumps({**body, "model": self.settings.model})
+                                                               .encode()):
+                tail = (tail + data)[-32:]
+                yield data
+            if _SSE_DONE not in tail:
+                raise UpstreamUnavailableError(f"{self.settings.base_url}: the stream ended before [DONE]")
+        except UpstreamStatus as e:
+            raise _status_error(e.status, e.body.decode("utf-8", "replace")) from None
+        except UpstreamHTTPError as e:
+            raise UpstreamUnavailableError(f"{self.settings.base_url}: {e}") from e
         finally:
             self._in_flight -= 1
 
-    def _relay_session(self) -> aiohttp.ClientSession:
-        """The relay's own client: aiohttp's C parser and connection pool cost a fraction of httpx's per request
-        (through the router at concurrency 16, 16 ms -> 5 ms p50 added; httpcore's pool bookkeeping alone was
-        ≈20 % of the router's CPU). One per event loop: a session belongs to the loop that made it."""
+    def _relay_client(self) -> UpstreamHTTP:
+        """The relay's own client (upstream_http.py: a fraction of a general client's CPU per request). One per
+        event loop: its connections belong to the loop that made them."""
         loop = asyncio.get_running_loop()
-        if self._aio is None or self._aio_loop is not loop:
+        if self._relay is None or self._relay_loop is not loop:
             headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
-            self._aio = aiohttp.ClientSession(
-                headers=headers, connector=aiohttp.TCPConnector(limit=self.settings.max_connections),
-                timeout=aiohttp.ClientTimeout(sock_connect=self.settings.connect_timeout_s,
-                                              sock_read=self.settings.read_timeout_s))
-            self._aio_loop = loop
-        return self._aio
+            self._relay = UpstreamHTTP(self.settings.base_url, headers, self.settings.max_connections,
+                                       self.settings.connect_timeout_s, self.settings.read_timeout_s)
+            self._relay_loop = loop
+        return self._relay
 
     async def _deltas(self, response: httpx.Response, chat: bool, request_id: str, params: SamplingParams
                       ) -> AsyncIterator[Delta]:
@@ -302,8 +298,8 @@ class RemoteEngine:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-        if self._aio is not None and self._aio_loop is asyncio.get_running_loop():
-            await self._aio.close()
+        if self._relay is not None and self._relay_loop is asyncio.get_running_loop():
+            self._relay.close()
 
     def shutdown(self) -> None:
         """The pooled client is closed by `aclose` on the event loop that used it."""
