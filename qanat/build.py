@@ -44,13 +44,19 @@ def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> Loc
     from qanat.engine.executors.llamacpp import ContextSettings, LlamaCppSpec, LlamaTokenizer
 
     path = resolve_model_path(config.model)
+    draft_path = None
+    if config.draft_model is not None:
+        from qanat.engine.executors.draft_model import check_vocab_files
+
+        draft_path = resolve_model_path(None if config.draft_model == "default" else config.draft_model)
+        check_vocab_files(path, draft_path)  # a clear start-up error here, before the executor loads weights
     settings = ContextSettings(
         config.parallel, config.ctx, config.batch_tokens, config.threads,
         # ggml's CPU flash attention picks its loop by shape (tiles for a prompt chunk, a split KV for a lone
         # sequence's decode past 512 cells): a token's numbers would depend on what shares its pass.
         flash_attn="off" if config.deterministic else config.flash_attn,
     )
-    spec = LlamaCppSpec(path, settings, config.energy_meter, config.cpu_tdp_w, tier_settings(config))
+    spec = LlamaCppSpec(path, settings, config.energy_meter, config.cpu_tdp_w, tier_settings(config), draft_path)
     tokenizer = LlamaTokenizer(path)
     try:
         executor: Executor = spec.create() if in_process else ProcessExecutor(spec)
@@ -95,7 +101,8 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
     speculator = None
     if config.speculative != "off":
         speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min,
-                                                  max(config.ngram_min, NGRAM_MAX)))
+                                                  max(config.ngram_min, NGRAM_MAX), draft_cost=facts.draft_cost,
+                                                  draft_min=config.draft_min))
     scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic,
                           prefix_cache=prefix_cache, speculator=speculator)
     core = EngineCore(scheduler, executor, tokenizer, EnergyAccountant(facts.energy_source),
