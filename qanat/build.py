@@ -27,7 +27,7 @@ from qanat.engine.executors.process import ProcessExecutor
 from qanat.engine.local import LocalEngine
 from qanat.engine.remote import RemoteEngine, RemoteSettings
 from qanat.models.chat_template import ChatTemplate
-from qanat.models.locate import model_id_for, resolve_model_path
+from qanat.models.locate import ModelNotFoundError, model_id_for, resolve_model_path
 from qanat.router.config import LoadedFile
 from qanat.router.metrics import RouterMetrics
 from qanat.router.policies import ReplicaView, make_policy
@@ -51,7 +51,10 @@ def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> Loc
     if config.draft_model is not None:
         from qanat.engine.executors.draft_model import check_vocab_files
 
-        draft_path = resolve_model_path(None if config.draft_model == "default" else config.draft_model)
+        try:
+            draft_path = resolve_model_path(None if config.draft_model == "default" else config.draft_model)
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"--draft-model: {e}") from e
         check_vocab_files(path, draft_path)  # a clear start-up error here, before the executor loads weights
     settings = ContextSettings(
         config.parallel, config.ctx, config.batch_tokens, config.threads,
