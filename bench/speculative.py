@@ -4,11 +4,15 @@ and with each of its n-gram `--spec-type`s, on the same prompts in the same run.
     flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part repetitive [--rounds 2]
     flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part open
     flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part concurrency
+    flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part draft [--prompts spelling]
 
 - repetitive: three prompts whose answer repeats the prompt (spelling correction of a ≈300-token text, a record
   given as text extracted as JSON, a function edited and written out again); one stream, greedy, 192 tokens.
 - open: three open-ended prompts, one stream, greedy, 192 tokens; Qanat off vs ngram.
 - concurrency: 16 distinct prompts at once, greedy, 128 tokens each; Qanat off vs ngram; aggregate tokens/s.
+- draft: the repetitive prompts (or those named by --prompts), one stream, greedy, 192 tokens; Qanat off vs
+  `--speculative draft --draft-model default` (the embedded model drafting for itself; `--draft-model PATH` to
+  use another) under the cost rule, and with its draft length forced to 4 (`--draft-min 4 --draft-max 4`).
 
 Single-stream figures are decode rates: (tokens - 1) / (last token's arrival - first token's), streamed, so
 the prompt's prefill is left out. Each configuration runs every prompt `--rounds` times; medians are reported.
@@ -232,13 +236,21 @@ def concurrency(targets: list[Target], rounds: int, max_tokens: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--part", choices=["repetitive", "open", "concurrency"], required=True)
+    parser.add_argument("--part", choices=["repetitive", "open", "concurrency", "draft"], required=True)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--llama-server-types", default="none,ngram-simple,ngram-mod,ngram-map-k,ngram-cache")
+    parser.add_argument("--prompts", default=None, help="comma-separated names of the part's prompts to run")
+    parser.add_argument("--draft-model", default="default", help="--part draft: the draft model")
     args = parser.parse_args()
     off, on = qanat("qanat off", 8301), qanat("qanat ngram", 8302, "--speculative", "ngram")
-    if args.part == "repetitive":
+    if args.part == "draft":
+        draft = ("--speculative", "draft", "--draft-model", args.draft_model)
+        prompts = {n: p for n, p in REPETITIVE.items() if args.prompts is None or n in args.prompts.split(",")}
+        single_stream([off, qanat("qanat draft", 8303, *draft),
+                       qanat("qanat draft k=4", 8304, *draft, "--draft-min", "4", "--draft-max", "4")],
+                      prompts, args.rounds, args.max_tokens or 192)
+    elif args.part == "repetitive":
         servers = [llama_server(f"llama-server {t}", 8310 + i, "--spec-type", t)
                    for i, t in enumerate(args.llama_server_types.split(","))]
         single_stream([off, on, *servers], REPETITIVE, args.rounds, args.max_tokens or 192)

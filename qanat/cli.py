@@ -39,10 +39,17 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-disk", type=int, default=defaults.cache_disk_mib, metavar="MIB",
                         help="the most --cache-dir holds (MiB), least recently used evicted")
     parser.add_argument("--speculative", default=defaults.speculative, choices=SPECULATIVE_MODES,
-                        help="speculative decoding: ngram drafts tokens by prompt lookup and verifies them in the "
-                             "step, only where that pays (see docs/benchmarks.md)")
+                        help="speculative decoding: ngram drafts tokens by prompt lookup, draft with a small model "
+                             "(--draft-model), and each step verifies them, only where that pays (see "
+                             "docs/benchmarks.md)")
+    parser.add_argument("--draft-model", default=None, metavar="PATH",
+                        help="--speculative draft: a GGUF file sharing the model's vocabulary, or 'default' for the "
+                             "embedded model")
     parser.add_argument("--draft-max", type=int, default=defaults.draft_max,
                         help="most drafted tokens per request and step")
+    parser.add_argument("--draft-min", type=int, default=defaults.draft_min,
+                        help="fewest drafted tokens per speculating request and step, even where the cost model "
+                             "says they do not pay (default 0: the cost model decides; = --draft-max fixes the length)")
     parser.add_argument("--ngram-min", type=int, default=defaults.ngram_min,
                         help="shortest n-gram that prompt lookup matches")
 
@@ -53,7 +60,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         batch_tokens=args.batch, max_waiting=args.max_waiting, energy_meter=args.energy_meter,
         cpu_tdp_w=args.cpu_tdp_w, flash_attn=args.flash_attn, deterministic=args.deterministic,
         cache_ram_mib=args.cache_ram, cache_dir=args.cache_dir, cache_disk_mib=args.cache_disk,
-        speculative=args.speculative, draft_max=args.draft_max, ngram_min=args.ngram_min,
+        speculative=args.speculative, draft_max=args.draft_max, draft_min=args.draft_min, ngram_min=args.ngram_min,
+        draft_model=args.draft_model,
     )
 
 

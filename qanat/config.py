@@ -45,9 +45,11 @@ class EngineConfig:
     cache_ram_mib: int = field(default_factory=default_cache_ram_mib)  # prompt cache beyond the slots; 0 = none
     cache_dir: str | None = None  # the prompt cache's disk tier (survives restarts); None = none
     cache_disk_mib: int = 16384  # the most the disk tier holds
-    speculative: str = "off"  # off | ngram: draft tokens by prompt lookup and verify them in the step
+    speculative: str = "off"  # off | ngram | draft: guess tokens (prompt lookup, a draft model), verify in the step
     draft_max: int = 16  # most drafted tokens per request and step
+    draft_min: int = 0  # fewest drafted tokens per speculating request and step, whatever the cost rule says
     ngram_min: int = 2  # shortest n-gram prompt lookup matches
+    draft_model: str | None = None  # --speculative draft: a GGUF sharing the model's vocabulary, or "default"
 
     def __post_init__(self) -> None:
         _require(32 <= self.ctx <= 1_048_576, f"--ctx must be between 32 and 1048576, got {self.ctx}")
@@ -67,6 +69,15 @@ class EngineConfig:
         _require(self.speculative in SPECULATIVE_MODES,
                  f"--speculative must be one of {', '.join(SPECULATIVE_MODES)}, got {self.speculative!r}")
         _require(1 <= self.draft_max <= 64, f"--draft-max must be between 1 and 64, got {self.draft_max}")
+        _require(0 <= self.draft_min <= self.draft_max,
+                 f"--draft-min must be between 0 and --draft-max ({self.draft_max}), got {self.draft_min}")
+        _require(self.speculative != "draft" or self.draft_model is not None,
+                 "--speculative draft needs --draft-model PATH (a GGUF sharing the model's vocabulary, or 'default' "
+                 "for the embedded model)")
+        _require(self.draft_model is None or self.speculative == "draft",
+                 f"--draft-model {self.draft_model} is only used with --speculative draft "
+                 f"(got --speculative {self.speculative})")
+        _require(self.draft_model is None or bool(self.draft_model.strip()), "--draft-model must not be empty")
         _require(1 <= self.ngram_min <= 8, f"--ngram-min must be between 1 and 8, got {self.ngram_min}")
         # A pass of 1 + k tokens of one sequence computes other numbers than a one-token decode with flash
         # attention off (measured: logits 0.2-0.7 apart), so drafts could change a deterministic greedy output.

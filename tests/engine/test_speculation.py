@@ -14,8 +14,8 @@ from qanat.config import ConfigError, EngineConfig
 from qanat.engine.client import FinishReason
 from qanat.engine.core.request import Request, RequestState
 from qanat.engine.core.scheduler import Scheduler
-from qanat.engine.core.speculation import NgramIndex, SpeculationConfig, Speculator
-from qanat.engine.executors.fake import FakeExecutor
+from qanat.engine.core.speculation import STEP_FIXED_COST_TOKENS, NgramIndex, SpeculationConfig, Speculator
+from qanat.engine.executors.fake import FakeExecutor, FakeSpec
 from qanat.engine.local import LocalEngine
 from qanat.engine.sampling import SamplingParams
 from tests.helpers import collect, run, text_of, tokenize, tokens_of
@@ -26,6 +26,14 @@ CONFIG = EngineConfig(ctx=512, parallel=4, batch_tokens=128, max_waiting=8)
 def engine_with(mode: str, **kwargs: int) -> LocalEngine:
     return build_fake_engine(EngineConfig(ctx=512, parallel=4, batch_tokens=128, max_waiting=8, speculative=mode,
                                           **kwargs))
+
+
+def draft_engine(draft_min: int = 4, draft_max: int = 4, miss_every: int = 0, cost: float = 0.0) -> LocalEngine:
+    """`--speculative draft` on the fake executor, which drafts with itself (see FakeSpec.draft_miss_every)."""
+    config = EngineConfig(ctx=512, parallel=4, batch_tokens=128, max_waiting=8, speculative="draft",
+                          draft_model="default", draft_min=draft_min, draft_max=draft_max)
+    return build_fake_engine(config, FakeSpec(num_slots=4, context_length=512, batch_tokens=128,
+                                              draft_miss_every=miss_every, draft_cost=cost))
 
 
 @pytest.fixture()
@@ -240,6 +248,140 @@ def test_a_request_can_opt_out() -> None:
         on.shutdown()
 
 
+# -- a draft model's cost ---------------------------------------------------------------------------------
+
+def lone_stream_best_length(alpha: float, draft_cost: float, longest: int) -> int:
+    """The draft length that maximises a lone stream's useful tokens per unit of time, by brute force: a step
+    with L drafts yields 1 + α + … + α^L tokens and costs F + 1 + L target tokens plus L draft passes of one
+    token, r·(F + 1) each."""
+    f = STEP_FIXED_COST_TOKENS
+
+    def rate(length: int) -> float:
+        return sum(alpha ** j for j in range(length + 1)) / (f + 1 + length + draft_cost * length * (f + 1))
+
+    return max(range(longest + 1), key=rate)
+
+
+@pytest.mark.parametrize("draft_cost", [0.0, 0.05, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.95])
+def test_a_lone_streams_draft_length_is_the_one_that_pays_best_given_the_drafts_cost(
+        alpha: float, draft_cost: float) -> None:
+    speculator = Speculator(SpeculationConfig(mode="draft", draft_max=16, draft_cost=draft_cost))
+    chosen = speculator.choose_lengths([("r", 16, alpha)], 1, 100).get("r", 0)
+    assert chosen == lone_stream_best_length(alpha, draft_cost, 16)
+
+
+def test_a_model_drafting_for_itself_never_pays_a_cheap_one_does_and_n_grams_are_the_zero_cost_case() -> None:
+    request = decoding_request("r", list(range(10, 30)) * 3)
+    costly = Speculator(SpeculationConfig(mode="draft", draft_cost=1.0))
+    cheap = Speculator(SpeculationConfig(mode="draft", draft_cost=0.1))
+    free = Speculator(SpeculationConfig(mode="draft", draft_cost=0.0))
+    for speculator in (costly, cheap, free):
+        speculator.propose_lengths([request], 1, 100)
+        for _ in range(8):
+            speculator.record("r", 8, 8)  # as sure as it gets: α = 0.99
+    assert costly.propose_lengths([request], 1, 100) == {}
+    assert 0 < cheap.propose_lengths([request], 1, 100)["r"] < free.propose_lengths([request], 1, 100)["r"]
+    # With no cost, a draft model's lengths are the n-gram rule's, for the same acceptance.
+    ngram = Speculator(SpeculationConfig(mode="ngram"))
+    confident(ngram, request)
+    assert len(ngram.propose([request], 1, 100)["r"]) == free.propose_lengths([request], 1, 100)["r"]
+
+
+def test_a_draft_position_is_opened_when_the_requests_drafting_there_pay_for_it_together() -> None:
+    # r = 0.3, two streams at α = 0.9: one first draft token alone would not pay for a new draft pass
+    # (p = 0.9 < U·Δ / D = 2 · (1 + 0.3 · 2.75) / 3.75 ≈ 0.97), but both streams sharing that pass do.
+    speculator = Speculator(SpeculationConfig(mode="draft", draft_cost=0.3))
+    assert 0.9 < 2 * (1 + 0.3 * 2.75) / 3.75
+    assert speculator.choose_lengths([("a", 16, 0.9), ("b", 16, 0.9)], 2, 100) == {"a": 1, "b": 1}
+    # A doubtful companion is left out, and then the confident stream's pass no longer pays either.
+    assert speculator.choose_lengths([("a", 16, 0.9), ("b", 16, 0.6)], 2, 100) == {}
+    # Alone, with only its own decode in the step, the same stream drafts 2.
+    assert speculator.choose_lengths([("a", 16, 0.9)], 1, 100) == {"a": 2}
+
+
+def test_draft_min_forces_the_length_even_where_it_does_not_pay_within_max_tokens_and_the_budget() -> None:
+    speculator = Speculator(SpeculationConfig(mode="draft", draft_cost=1.0, draft_min=4, draft_max=4))
+    requests = [decoding_request(f"r{i}", [1, 2, 3], max_tokens=m) for i, m in enumerate((50, 3))]
+    assert speculator.propose_lengths(requests, 2, 100) == {"r0": 4, "r1": 1}  # r1: 3 - 1 output - 1
+    assert speculator.propose_lengths(requests, 2, 3) == {"r0": 3}  # the step's budget comes first
+    shy = Request("shy", [1, 2], SamplingParams(temperature=0, speculative=False), 50)
+    shy.output_ids, shy.state = [3], RequestState.DECODING
+    assert speculator.propose_lengths([shy], 1, 100) == {}
+
+
+def test_scheduler_grants_a_draft_length_in_draft_mode_and_counts_it_in_the_step() -> None:
+    speculator = Speculator(SpeculationConfig(mode="draft", draft_min=3, draft_max=3))
+    sched = Scheduler(num_slots=2, context_length=256, max_batch_tokens=64, speculator=speculator)
+    request = Request("r", list(range(10, 40)), SamplingParams(temperature=0), 40)
+    sched.add(request)
+    sched.update(sched.schedule(), {"r": 7})
+    plan = sched.schedule()
+    (chunk,) = plan.chunks
+    assert (chunk.token_ids, chunk.draft_ids, chunk.draft_len, plan.num_tokens) == ([7], (), 3, 4)
+
+
+# -- the draft source on the fake executor ------------------------------------------------------------------
+
+def test_draft_mode_greedy_output_equals_speculation_off_and_a_self_draft_is_always_kept() -> None:
+    off, on = engine_with("off"), draft_engine()
+    try:
+        prompts = [tokenize(off, f"an open question {i}") for i in range(4)]
+        params = SamplingParams(temperature=0, max_tokens=41)
+        assert [tokens_of(run(collect(on, p, params))) for p in prompts] == \
+            [tokens_of(run(collect(off, p, params))) for p in prompts]
+        stats = on.stats()
+        # Every decode step but the last ones (max_tokens leaves no room) drafts 4 tokens, all kept.
+        assert stats.spec_draft_tokens == executor(on).drafted_tokens > 0
+        assert stats.spec_accepted_tokens == stats.spec_draft_tokens
+        assert stats.steps < off.stats().steps / 3
+    finally:
+        off.shutdown()
+        on.shutdown()
+
+
+def test_draft_mode_with_wrong_drafts_keeps_outputs_stops_and_logprobs_exact() -> None:
+    off, on = engine_with("off"), draft_engine(miss_every=5)
+    try:
+        prompt = tokenize(off, "the quick brown fox")
+        full = text_of(run(collect(off, prompt, SamplingParams(temperature=0, max_tokens=60))))
+        cases = [
+            SamplingParams(temperature=0, max_tokens=60),
+            SamplingParams(temperature=0, max_tokens=60, stop=(full[20:23],)),
+            SamplingParams(temperature=0, max_tokens=13),
+            SamplingParams(temperature=0, max_tokens=30, logprobs=2),
+            SamplingParams(temperature=0.8, max_tokens=40, seed=3),
+        ]
+        for params in cases:
+            want, got = run(collect(off, prompt, params)), run(collect(on, prompt, params))
+            assert tokens_of(got) == tokens_of(want) and text_of(got) == text_of(want)
+            assert got[-1].finish_reason == want[-1].finish_reason
+            assert [d.logprobs for d in got if d.token_ids] == [d.logprobs for d in want if d.token_ids]
+        stats = on.stats()
+        assert 0 < stats.spec_accepted_tokens < stats.spec_draft_tokens  # every fifth position's draft is wrong
+    finally:
+        off.shutdown()
+        on.shutdown()
+
+
+def test_concurrent_draft_mode_requests_match_their_solo_runs() -> None:
+    off, on = engine_with("off"), draft_engine(miss_every=7)
+    try:
+        prompts = [tokenize(off, f"doc {i} to be drafted") for i in range(6)]  # 6 requests, 4 slots
+        params = [SamplingParams(temperature=0, max_tokens=20 + 8 * i) for i in range(6)]
+        alone = [tokens_of(run(collect(off, p, q))) for p, q in zip(prompts, params, strict=True)]
+
+        async def together() -> list[list[int]]:
+            results = await asyncio.gather(*(collect(on, p, q) for p, q in zip(prompts, params, strict=True)))
+            return [tokens_of(r) for r in results]
+
+        assert run(together()) == alone
+        assert on.stats().spec_accepted_tokens > 0
+    finally:
+        off.shutdown()
+        on.shutdown()
+
+
 def test_config_refuses_unknown_modes_and_deterministic_speculation() -> None:
     with pytest.raises(ConfigError, match="--speculative must be one of"):
         EngineConfig(speculative="medusa")
@@ -247,3 +389,15 @@ def test_config_refuses_unknown_modes_and_deterministic_speculation() -> None:
         EngineConfig(speculative="ngram", draft_max=0)
     with pytest.raises(ConfigError, match="--deterministic"):
         EngineConfig(speculative="ngram", deterministic=True, flash_attn="off")
+
+
+def test_config_needs_a_draft_model_for_draft_mode_and_draft_mode_for_a_draft_model() -> None:
+    with pytest.raises(ConfigError, match="--speculative draft needs --draft-model"):
+        EngineConfig(speculative="draft")
+    with pytest.raises(ConfigError, match="--draft-model small.gguf is only used with --speculative draft"):
+        EngineConfig(speculative="ngram", draft_model="small.gguf")
+    with pytest.raises(ConfigError, match="--draft-model small.gguf is only used"):
+        EngineConfig(draft_model="small.gguf")
+    with pytest.raises(ConfigError, match="--draft-min must be between 0 and --draft-max \\(4\\), got 5"):
+        EngineConfig(speculative="draft", draft_model="default", draft_min=5, draft_max=4)
+    assert EngineConfig(speculative="draft", draft_model="default", draft_min=4, draft_max=4).draft_min == 4

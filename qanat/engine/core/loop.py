@@ -183,7 +183,7 @@ class EngineCore:
         texts, stop_hits = self._detokenize(sampled)
         outputs = self.scheduler.update(plan, sampled, stop_hits)
         self._publish(outputs, texts, result.logprobs)
-        if any(c.draft_ids for c in plan.chunks):
+        if any(c.draft_ids or c.draft_len for c in plan.chunks):
             self._publish_verified(plan, result)
 
     def _publish_verified(self, plan: SchedulerPlan, result: StepResult) -> None:
@@ -191,9 +191,10 @@ class EngineCore:
         its own step, so stop strings, stop tokens and max_tokens cut exactly where they would without drafts."""
         extra = result.extra_tokens
         for chunk in plan.chunks:
-            if chunk.draft_ids and chunk.request.request_id in result.sampled:
-                self.scheduler.record_verification(chunk.request.request_id, len(chunk.draft_ids),
-                                                   len(extra.get(chunk.request.request_id, ())))
+            request_id = chunk.request.request_id
+            drafted = len(chunk.draft_ids) or result.drafted.get(request_id, 0)
+            if drafted and request_id in result.sampled:
+                self.scheduler.record_verification(request_id, drafted, len(extra.get(request_id, ())))
         for i in range(max(map(len, extra.values()), default=0)):
             tokens = {rid: kept[i] for rid, kept in extra.items() if i < len(kept) and rid in self._streams}
             if not tokens:
@@ -209,15 +210,16 @@ class EngineCore:
         released, self._released = self._released, []
         return StepBatch(
             cache_ops=plan.cache_ops,
-            chunks=[ExecChunk(c.request.request_id, c.seq_id, c.start_pos, c.token_ids, c.needs_logits, c.draft_ids)
-                    for c in plan.chunks],
+            chunks=[ExecChunk(c.request.request_id, c.seq_id, c.start_pos, c.token_ids, c.needs_logits, c.draft_ids,
+                              c.draft_len) for c in plan.chunks],
             new_requests=[(r.request_id, r.params) for r in plan.admitted],
             released=released,
         )
 
     def _book_energy(self, plan: SchedulerPlan, result: StepResult) -> None:
-        tokens = {c.request.request_id: len(c.token_ids) + len(c.draft_ids) for c in plan.chunks
-                  if c.request.request_id not in result.refused}
+        drafted = result.drafted
+        tokens = {c.request.request_id: len(c.token_ids) + len(c.draft_ids) + drafted.get(c.request.request_id, 0)
+                  for c in plan.chunks if c.request.request_id not in result.refused}
         shares = self.energy.record(result.energy.idle_j, result.energy.busy_j, tokens)
         for chunk in plan.chunks:
             chunk.request.energy_j += shares.get(chunk.request.request_id, 0.0)

@@ -49,6 +49,12 @@ class ScheduledChunk:
     token_ids: list[int]
     needs_logits: bool  # the chunk reaches the request's last token: sample its next one
     draft_ids: tuple[int, ...] = ()  # guessed tokens verified after token_ids (speculative decoding)
+    draft_len: int = 0  # or: tokens the executor's draft model guesses and verifies after token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this chunk may put in the pass: its own, and the drafts verified after them."""
+        return len(self.token_ids) + len(self.draft_ids) + self.draft_len
 
 
 @dataclass(frozen=True)
@@ -59,7 +65,7 @@ class SchedulerPlan:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) + len(c.draft_ids) for c in self.chunks)
+        return sum(c.num_tokens for c in self.chunks)
 
     @property
     def is_empty(self) -> bool:
@@ -216,7 +222,12 @@ class Scheduler:
         """Drafted tokens for decoding requests, from what is left of the budget once every real token is in."""
         assert self.speculator is not None
         decoding = [c.request for c in chunks if c.request.state is RequestState.DECODING]
-        drafts = self.speculator.propose(decoding, sum(len(c.token_ids) for c in chunks), budget)
+        batch_tokens = sum(len(c.token_ids) for c in chunks)
+        if self.speculator.config.uses_draft_model:
+            lengths = self.speculator.propose_lengths(decoding, batch_tokens, budget)
+            return [replace(c, draft_len=lengths[c.request.request_id]) if c.request.request_id in lengths else c
+                    for c in chunks]
+        drafts = self.speculator.propose(decoding, batch_tokens, budget)
         return [replace(c, draft_ids=tuple(drafts[c.request.request_id])) if c.request.request_id in drafts else c
                 for c in chunks]
 

@@ -1,8 +1,11 @@
 """Speculative decoding's policy: which drafted tokens ride along with a decoding request in the next step.
 
-Drafts come from prompt lookup (n-grams): the longest recent n-gram that ends the request's tokens and occurred
-before in its prompt or output is continued with what followed it there. Rewriting, extraction, code edits and
-JSON that quotes its input repeat their context, so these guesses are often right, and they cost nothing to make.
+Drafts come from one of two sources. `ngram` (prompt lookup): the longest recent n-gram that ends the request's
+tokens and occurred before in its prompt or output is continued with what followed it there. Rewriting,
+extraction, code edits and JSON that quotes its input repeat their context, so these guesses are often right,
+and they cost nothing to make. `draft`: a small model sharing the target's vocabulary, living in the executor
+next to the target (`executors/draft_model.py`), drafts greedily; here the policy only grants each request a
+draft length, and the executor fills it. Those guesses cost a draft pass per drafted position.
 
 Verifying is not free, though, and how much it costs decides everything. On this project's CPU a pass of
 1 + k tokens of one sequence costs about a + b·(1 + k) with a ≈ 1.5 b (`bench/verify_cost.py`): the weights sit
@@ -18,6 +21,16 @@ per unit of time to rise. A lone stream drafts when p > 0.36; beside 15 other de
 step that carries a prompt chunk, practically never — speculation steps aside where the batch already fills
 the machine. p for the j-th draft token (from 1) is α^j, α being the request's recent per-token acceptance.
 
+A draft model adds passes of its own: one per draft position, every request drafting at that position batched
+in it, a pass of m tokens costing r·(F + m) in the same units, r being a draft pass's time over a target pass's
+(the executor times both models at load). The same condition, useful tokens per unit of time rising, becomes
+
+    p > U·Δ / D,  D = F + n + r·Σ_j (F + m_j),  Δ = 1 + r·(1 + F if the token opens a new draft position else 1)
+
+D being the step's whole cost and Δ what the token adds to it; with r = 0 (n-grams) it is the rule above. A model
+drafting for itself (r ≈ 1) never pays: its first token alone would need p > 1.36 on this CPU. A draft a tenth
+of the target's cost needs p > 0.46 here, and p > 0.15 on a memory-bound chip where F ≈ 20.
+
 Verification (in the executor) samples each position with the request's own sampler chain and keeps the drafts
 while they equal what was sampled, plus the first token that differs (or one past the last draft): drafts are
 deterministic guesses (a point-mass draft distribution), for which this is exactly Leviathan et al.'s rejection
@@ -32,7 +45,7 @@ from dataclasses import dataclass, field
 
 from qanat.engine.core.request import Request, RequestState
 
-SPECULATIVE_MODES = ("off", "ngram")
+SPECULATIVE_MODES = ("off", "ngram", "draft")
 NGRAM_MAX = 5  # prompt lookup tries n-grams from this long down to --ngram-min
 
 # F: a decode step's fixed cost in units of one more token's cost, measured on this project's CPU with the
@@ -57,15 +70,26 @@ MAX_ACCEPTANCE = 0.99
 
 @dataclass(frozen=True)
 class SpeculationConfig:
-    mode: str = "off"  # off | ngram
+    mode: str = "off"  # off | ngram | draft
     draft_max: int = 16  # most drafted tokens per request and step
     ngram_min: int = 2  # shortest n-gram that may be looked up
     ngram_max: int = NGRAM_MAX  # longest n-gram tried first
     step_fixed_cost_tokens: float = STEP_FIXED_COST_TOKENS
+    # A draft model's pass over the target's pass of as many tokens (r above); 0 for n-grams, which cost nothing.
+    draft_cost: float = 0.0
+    # Every request that can draft gets at least this many draft tokens (as far as its draft, max_tokens and the
+    # step's budget allow), whatever the cost rule says: 0 leaves the rule alone; draft_min = draft_max fixes
+    # the length (tests, and measuring what a given length does).
+    draft_min: int = 0
 
     @property
     def enabled(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def uses_draft_model(self) -> bool:
+        """Drafts are made by the executor's draft model: the policy grants lengths, not tokens."""
+        return self.mode == "draft"
 
 
 class NgramIndex:
@@ -141,50 +165,103 @@ class Speculator:
                 and not request.is_replaying and request.max_tokens - len(request.output_ids) > 1)
 
     def propose(self, decoding: list[Request], batch_tokens: int, budget: int) -> dict[str, list[int]]:
-        """Drafts worth verifying in a step that already carries `batch_tokens` tokens, at most `budget` in all.
-
-        `decoding`: the requests that get one decode token in this step."""
-        candidates: list[tuple[Request, list[int], float]] = []
-        matches: list[tuple[_RequestState, int]] = []
+        """N-gram drafts worth verifying in a step that already carries `batch_tokens` tokens, at most `budget`
+        in all. `decoding`: the requests that get one decode token in this step."""
+        candidates: list[tuple[str, int, float]] = []
+        drafts: dict[str, list[int]] = {}
+        matches: dict[str, tuple[_RequestState, int]] = {}
         for request in decoding:
             if not self.can_draft(request):
                 continue
             state = self._state(request.request_id)
             tokens = request.all_token_ids
             state.index.extend(tokens)
-            # Keep every verified token within max_tokens: 1 + k tokens can come out of a k-token draft.
-            k = min(self.config.draft_max, request.max_tokens - len(request.output_ids) - 1)
-            draft, match = state.index.draft(tokens, k)
+            draft, match = state.index.draft(tokens, self._room(request))
             if draft:
-                candidates.append((request, draft, state.acceptance(match)))
-                matches.append((state, match))
-        if not candidates or budget <= 0:
-            return {}
-
-        chosen: dict[str, int] = {}
-        heap = [(-alpha, i, 1) for i, (_, _, alpha) in enumerate(candidates)]  # (-p, candidate, draft length)
-        heapq.heapify(heap)
-        useful, n = float(batch_tokens), batch_tokens
-        fixed = self.config.step_fixed_cost_tokens
-        while heap and budget > 0:
-            neg_p, i, length = heapq.heappop(heap)
-            p = -neg_p
-            if p <= useful / (fixed + n):  # the best remaining token no longer pays for itself
-                break
-            request, draft, alpha = candidates[i]
-            chosen[request.request_id] = length
-            useful += p
-            n += 1
-            budget -= 1
-            if length < len(draft):
-                heapq.heappush(heap, (-p * alpha, i, length + 1))
-        for (request, _, _), (state, match) in zip(candidates, matches, strict=True):
-            if request.request_id in chosen:
+                candidates.append((request.request_id, len(draft), state.acceptance(match)))
+                drafts[request.request_id] = draft
+                matches[request.request_id] = (state, match)
+        chosen = self.choose_lengths(candidates, batch_tokens, budget)
+        for request_id, (state, match) in matches.items():
+            if request_id in chosen:
                 state.last_match = match
             else:
                 state.fade(match)
-        return {c[0].request_id: c[1][:chosen[c[0].request_id]] for c in candidates
-                if c[0].request_id in chosen}
+        return {request_id: drafts[request_id][:length] for request_id, length in chosen.items()}
+
+    def propose_lengths(self, decoding: list[Request], batch_tokens: int, budget: int) -> dict[str, int]:
+        """How many tokens the executor's draft model should draft for each request (those worth it only)."""
+        candidates = []
+        for request in decoding:
+            if self.can_draft(request) and (room := self._room(request)) > 0:
+                candidates.append((request.request_id, room, self._state(request.request_id).acceptance(0)))
+        chosen = self.choose_lengths(candidates, batch_tokens, budget)
+        for request_id, _, _ in candidates:
+            if request_id not in chosen:
+                self._state(request_id).fade(0)
+        return chosen
+
+    def choose_lengths(self, candidates: list[tuple[str, int, float]], batch_tokens: int, budget: int
+                       ) -> dict[str, int]:
+        """Draft lengths for (request id, longest possible draft, per-token acceptance α) candidates: the
+        `draft_min` floor first, then token after token, the likeliest kept first, while each pays (see the
+        module's docstring). At most `budget` tokens in all."""
+        if not candidates or budget <= 0:
+            return {}
+        fixed, ratio = self.config.step_fixed_cost_tokens, self.config.draft_cost
+        chosen: dict[str, int] = {}
+        depth_tokens: list[int] = []  # m_j: tokens in the draft model's pass for draft position j (from 0)
+        useful, cost = float(batch_tokens), fixed + batch_tokens  # U, D
+
+        def add(i: int, length: int, p: float) -> None:  # the length-th draft token (from 1) of candidate i
+            nonlocal useful, cost, budget
+            request_id = candidates[i][0]
+            chosen[request_id] = length
+            if len(depth_tokens) < length:
+                depth_tokens.append(0)
+                cost += ratio * fixed
+            depth_tokens[length - 1] += 1
+            useful += p
+            cost += 1 + ratio
+            budget -= 1
+
+        heap: list[tuple[float, int, int]] = []  # (-p, candidate, draft length), for each candidate's next token
+        for i, (_, longest, alpha) in enumerate(candidates):
+            length = 0
+            while length < min(self.config.draft_min, longest) and budget > 0:
+                length += 1
+                add(i, length, alpha ** length)
+            if length < longest:
+                heap.append((-(alpha ** (length + 1)), i, length + 1))
+        heapq.heapify(heap)
+        while heap and budget > 0:
+            neg_p, i, length = heapq.heappop(heap)
+            group = [(-neg_p, i)]
+            if ratio and len(depth_tokens) < length:
+                # A new draft position: its pass's fixed cost r·F is shared by every request drafting there, so
+                # the decision is the group's — the likeliest of the requests that could draft at this position,
+                # as many as raise the step's rate the most (one alone may not pay where two together do).
+                group += sorted(((-q, j) for q, j, n in heap if n == length), reverse=True)
+                best, best_rate, total_p = 0, useful / cost, 0.0
+                for size, (p, _) in enumerate(group[:budget], start=1):
+                    total_p += p
+                    rate = (useful + total_p) / (cost + ratio * fixed + size * (1 + ratio))
+                    if rate > best_rate:
+                        best, best_rate = size, rate
+                if best == 0:
+                    break
+                group = group[:best]
+                taken = {j for _, j in group}
+                heap = [entry for entry in heap if entry[1] not in taken]
+                heapq.heapify(heap)
+            elif -neg_p * cost <= useful * (1 + ratio):  # the best remaining token no longer pays for itself
+                break
+            for p, j in group:
+                add(j, length, p)
+                _, longest, alpha = candidates[j]
+                if length < longest:
+                    heapq.heappush(heap, (-p * alpha, j, length + 1))
+        return chosen
 
     def record(self, request_id: str, drafted: int, accepted: int) -> None:
         """What verifying a `drafted`-token draft kept."""
@@ -193,6 +270,11 @@ class Speculator:
         self.stats.accepted_tokens += accepted
         state = self._state(request_id)
         state.learn(state.last_match, drafted, accepted)
+
+    def _room(self, request: Request) -> int:
+        """The longest draft: within --draft-max, and every verified token within max_tokens (1 + k tokens can
+        come out of a k-token draft)."""
+        return min(self.config.draft_max, request.max_tokens - len(request.output_ids) - 1)
 
     def forget(self, request_id: str) -> None:
         self._states.pop(request_id, None)

@@ -53,6 +53,8 @@ class ExecChunk:
     # Speculative decoding: guessed next tokens, run after token_ids in the same pass (logits at every position)
     # and kept while they equal what the request's sampler picks (see engine/core/speculation.py).
     draft_ids: tuple[int, ...] = ()
+    # Or, with a draft model in the executor: draft this many tokens with it (greedily), then verify them the same way.
+    draft_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class StepBatch:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) + len(c.draft_ids) for c in self.chunks)
+        return sum(len(c.token_ids) + len(c.draft_ids) + c.draft_len for c in self.chunks)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,9 @@ class StepResult:
     # their logprobs (if asked). len(extra_tokens[id]) drafts were accepted; the rest's KV is already removed.
     extra_tokens: dict[str, list[int]] = field(default_factory=dict)
     extra_logprobs: dict[str, list[SampledLogprobs]] = field(default_factory=dict)
+    # For chunks with a draft_len: how many tokens the draft model drafted (fewer when it could not draft, e.g.
+    # for a sequence whose tokens it does not know). Chunks with draft_ids drafted len(draft_ids).
+    drafted: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,8 @@ class ExecutorFacts:
     batch_tokens: int  # the most tokens one step may carry
     chip: str
     energy_source: str
+    # A draft model's pass over the target's (a one-token decode each, timed at load); 0.0 when there is none.
+    draft_cost: float = 0.0
 
 
 class Executor(Protocol):

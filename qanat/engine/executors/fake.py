@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -75,6 +75,10 @@ class FakeSpec:
     idle_joules_per_step: float = 0.5  # reported as idle before each step
     tiers: TierSettings = field(default_factory=TierSettings)  # the prompt cache beyond the slots
     identity: str = "fake-model"  # what its disk tier's files are checked against
+    # As a draft model (chunks with a draft_len): it drafts its own greedy tokens, except that the draft for every
+    # position divisible by draft_miss_every (when > 0) is wrong; draft_cost is what its facts report.
+    draft_miss_every: int = 0
+    draft_cost: float = 0.0
 
     def create(self) -> FakeExecutor:
         return FakeExecutor(self)
@@ -106,7 +110,7 @@ class FakeExecutor:
         self.spec = spec
         self.facts = ExecutorFacts(
             context_length=spec.context_length, num_slots=spec.num_slots, batch_tokens=spec.batch_tokens,
-            chip="fake", energy_source="estimated:fake",
+            chip="fake", energy_source="estimated:fake", draft_cost=spec.draft_cost,
         )
         self.kv: dict[int, list[int]] = {i: [] for i in range(spec.num_slots)}
         self.samplers: dict[str, _FakeSampler] = {}
@@ -147,15 +151,19 @@ class FakeExecutor:
                 self.samplers[request_id] = _FakeSampler(params)
         failed = self.tiers.apply(batch.cache_ops)
         chunks = [c for c in batch.chunks if c.request_id not in refused and c.seq_id not in failed]
-        n_tokens = sum(len(c.token_ids) + len(c.draft_ids) for c in chunks)
+        n_tokens = sum(len(c.token_ids) + len(c.draft_ids) + c.draft_len for c in chunks)
         if n_tokens > self.spec.batch_tokens:
             raise RuntimeError(f"batch has {n_tokens} tokens, more than {self.spec.batch_tokens}")
         sampled: dict[str, int] = {}
         logprobs: dict[str, SampledLogprobs] = {}
         extra: dict[str, list[int]] = {}
         extra_logprobs: dict[str, list[SampledLogprobs]] = {}
+        drafted: dict[str, int] = {}
         for chunk in chunks:
             seq = self.kv[chunk.seq_id]
+            if chunk.draft_len:
+                chunk = replace(chunk, draft_ids=self._draft(seq[:chunk.start_pos] + chunk.token_ids, chunk.draft_len))
+                drafted[chunk.request_id] = len(chunk.draft_ids)
             if chunk.start_pos != len(seq):  # llama.cpp refuses a gap in a sequence's positions the same way
                 raise RuntimeError(f"seq {chunk.seq_id}: chunk starts at {chunk.start_pos}, KV holds {len(seq)}")
             if len(seq) + len(chunk.token_ids) + len(chunk.draft_ids) > self.spec.context_length:
@@ -175,7 +183,18 @@ class FakeExecutor:
         spec = self.spec
         energy = StepEnergy(spec.idle_joules_per_step, spec.joules_per_step + spec.joules_per_token * n_tokens)
         return StepResult(sampled, logprobs, refused, energy, time.perf_counter() - start_s,
-                          kv_cache=self.tiers.take_report(), extra_tokens=extra, extra_logprobs=extra_logprobs)
+                          kv_cache=self.tiers.take_report(), extra_tokens=extra, extra_logprobs=extra_logprobs,
+                          drafted=drafted)
+
+    def _draft(self, tokens: list[int], n: int) -> tuple[int, ...]:
+        """The fake as its own draft model: its greedy continuation of `tokens` (raw logits, no sampler)."""
+        context = list(tokens)
+        for _ in range(n):
+            token = int(np.argmax(fake_logits(context)))
+            if self.spec.draft_miss_every and len(context) % self.spec.draft_miss_every == 0:
+                token = BYTE_OFFSET + (token - BYTE_OFFSET + 1) % 256  # another byte: rejected by greedy requests
+            context.append(token)
+        return tuple(context[len(tokens):])
 
     def _sample_and_verify(self, chunk: ExecChunk, seq: list[int]) -> tuple[list[int], list[SampledLogprobs]]:
         """Sample the next token; then, as llama.cpp's executor does, keep each draft token that equals what was

@@ -140,6 +140,14 @@ class KVTiers:
             self._report.failed += sorted(failed)
         return failed
 
+    def entry_tokens(self, key: str) -> tuple[int, ...] | None:
+        """The tokens a stored entry holds, from position 0 (None when no tier holds it any more)."""
+        entry = self.ram.get(key)
+        if entry is not None:
+            return entry.token_ids
+        disk = self.disk.entries.get(key) if self.disk is not None else None
+        return disk.token_ids if disk is not None else None
+
     def take_report(self) -> KVCacheReport | None:
         """What happened since the last report (the disk writer's news included); None when nothing did."""
         with self._lock:

@@ -1,7 +1,8 @@
 """The llama.cpp executor: one model, one context, one batch per step, one sample per decoding request.
 
-The only module of Qanat's engine that imports llama.cpp. Everything goes through llama.cpp's C API (via
-llama-cpp-python's ctypes bindings), so the same code runs on CPU, CUDA, Metal or Vulkan builds of the library.
+With `draft_model.py` (the draft model it holds for `--speculative draft`), the only module of Qanat's engine
+that imports llama.cpp. Everything goes through llama.cpp's C API (via llama-cpp-python's ctypes bindings), so
+the same code runs on CPU, CUDA, Metal or Vulkan builds of the library.
 `LlamaCppSpec` is what a child process needs to build the executor (`process.py`); `LlamaTokenizer` loads the
 vocabulary alone, for the caller's side of the boundary.
 """
@@ -15,9 +16,9 @@ import logging
 import mmap
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import llama_cpp._logger as llama_logger
@@ -39,11 +40,14 @@ from qanat.engine.executors.base import (
 from qanat.engine.executors.kv_tiers import KVTiers, TierSettings
 from qanat.engine.sampling import ConstraintKind, OutputConstraint, SamplingParams
 
+if TYPE_CHECKING:
+    from qanat.engine.executors.draft_model import DraftModel
+
 llama_logger.logger.setLevel(logging.ERROR)  # llama.cpp's load-time chatter, unless it is an error
 
 _backend_ready = False
 
-_FLASH_ATTN = {
+FLASH_ATTN = {
     "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
     "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
@@ -272,6 +276,24 @@ class RequestSampler:
             self.ptr = None
 
 
+def new_context(model: LlamaModel, settings: ContextSettings) -> Any:
+    """A llama_context (llama_context_p) with a KV stream of `context_length` cells per slot."""
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = settings.num_slots * settings.context_length
+    params.n_batch = settings.batch_tokens
+    params.n_ubatch = settings.batch_tokens
+    params.n_seq_max = settings.num_slots
+    params.n_threads = settings.threads
+    params.n_threads_batch = settings.threads
+    params.kv_unified = False  # a stream per sequence: measured ~20% faster decode steps at 16 sequences
+    params.flash_attn_type = FLASH_ATTN[settings.flash_attn]
+    params.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+    if not ctx:
+        raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+    return ctx
+
+
 @dataclass(frozen=True)
 class LlamaCppSpec:
     """Everything a process needs to build the executor; picklable."""
@@ -281,6 +303,7 @@ class LlamaCppSpec:
     energy_meter: str = "auto"
     cpu_tdp_w: float | None = None
     tiers: TierSettings = field(default_factory=TierSettings)  # the prompt cache beyond the slots
+    draft_model_path: Path | None = None  # --speculative draft: a second model drafting for this one
 
     def create(self) -> LlamaCppExecutor:
         return LlamaCppExecutor(self)
@@ -293,19 +316,7 @@ class LlamaCppExecutor:
         settings = spec.settings
         self.model = model = LlamaModel(spec.model_path)
         self.settings = settings
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = settings.num_slots * settings.context_length
-        params.n_batch = settings.batch_tokens
-        params.n_ubatch = settings.batch_tokens
-        params.n_seq_max = settings.num_slots
-        params.n_threads = settings.threads
-        params.n_threads_batch = settings.threads
-        params.kv_unified = False  # a stream per sequence: measured ~20% faster decode steps at 16 sequences
-        params.flash_attn_type = _FLASH_ATTN[settings.flash_attn]
-        params.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(model.ptr, params)
-        if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a context (out of memory?)")
+        self.ctx = new_context(model, settings)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.context_length = llama_cpp.llama_n_ctx_seq(self.ctx)  # what llama.cpp actually allocated
         self.n_batch = llama_cpp.llama_n_batch(self.ctx)
@@ -315,31 +326,21 @@ class LlamaCppExecutor:
             chip=_chip(settings.threads), energy_source=self.meter.meter.source,
         )
 
-        # The batch lives in numpy arrays that llama_batch points into: filling it is a few slice copies.
-        n = self.n_batch
-        self._token = np.zeros(n, dtype=np.int32)
-        self._pos = np.zeros(n, dtype=np.int32)
-        self._n_seq_id = np.ones(n, dtype=np.int32)
-        self._seq_id = np.zeros(n, dtype=np.int32)
-        self._logits = np.zeros(n, dtype=np.int8)
-        seq_id_size = self._seq_id.itemsize
-        self._seq_id_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * n)(*(
-            ctypes.cast(self._seq_id.ctypes.data + i * seq_id_size, ctypes.POINTER(llama_cpp.llama_seq_id))
-            for i in range(n)
-        ))
-        self._batch = llama_cpp.llama_batch(
-            n_tokens=0,
-            token=self._token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
-            embd=None,
-            pos=self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
-            n_seq_id=self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            seq_id=self._seq_id_ptrs,
-            logits=self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
-        )
+        self.batch = TokenBatch(self.n_batch)
         self.samplers: dict[str, RequestSampler] = {}
         self.restarts = 0
         self.tiers = KVTiers(_LlamaSequences(self.ctx, self.memory), spec.tiers,
                              _state_identity(spec.model_path, settings, self.context_length))
+        self.drafter: DraftModel | None = None
+        if spec.draft_model_path is not None:
+            from qanat.engine.executors.draft_model import DraftModel  # it imports this module
+
+            try:
+                self.drafter = DraftModel(spec.draft_model_path, spec.model_path, model, settings)
+                self.facts = replace(self.facts, draft_cost=self.drafter.measure_cost(self.ctx))
+            except BaseException:
+                self.close()
+                raise
 
     def is_alive(self) -> bool:
         return self.ctx is not None
@@ -352,6 +353,9 @@ class LlamaCppExecutor:
         for sampler in self.samplers.values():
             sampler.close()
         self.samplers.clear()
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
@@ -372,15 +376,25 @@ class LlamaCppExecutor:
                 refused[request_id] = Refusal(str(e), e.param)
         extra: dict[str, list[int]] = {}
         extra_logprobs: dict[str, list[SampledLogprobs]] = {}
-        sampled, logprobs = self._run(batch, refused, extra, extra_logprobs)
+        drafted: dict[str, int] = {}
+        sampled, logprobs = self._run(batch, refused, extra, extra_logprobs, drafted)
         return StepResult(sampled, logprobs, refused, self.meter.end(idle_j), time.perf_counter() - start_s,
-                          kv_cache=self.tiers.take_report(), extra_tokens=extra, extra_logprobs=extra_logprobs)
+                          kv_cache=self.tiers.take_report(), extra_tokens=extra, extra_logprobs=extra_logprobs,
+                          drafted=drafted)
 
     def _run(self, batch: StepBatch, refused: dict[str, Refusal], extra: dict[str, list[int]],
-             extra_logprobs: dict[str, list[SampledLogprobs]]) -> tuple[dict[str, int], dict[str, SampledLogprobs]]:
+             extra_logprobs: dict[str, list[SampledLogprobs]], drafted: dict[str, int]
+             ) -> tuple[dict[str, int], dict[str, SampledLogprobs]]:
         """One llama_decode; sampled tokens returned, those kept after verified drafts put in `extra`."""
         failed = self.tiers.apply(batch.cache_ops)  # saves, restores, copies, trims; in order
         chunks = [c for c in batch.chunks if c.request_id not in refused and c.seq_id not in failed]
+        if self.drafter is not None:
+            # The draft model follows the target's sequences, then guesses for the chunks granted a draft_len.
+            self.drafter.apply(batch.cache_ops, failed, self.tiers.entry_tokens)
+            self.drafter.observe(chunks)
+            drafts = self.drafter.draft([c for c in chunks if c.draft_len])
+            drafted.update((request_id, len(d)) for request_id, d in drafts.items())
+            chunks = [replace(c, draft_ids=drafts[c.request_id]) if c.request_id in drafts else c for c in chunks]
         if not chunks:
             return {}, {}
 
@@ -406,17 +420,13 @@ class LlamaCppExecutor:
         # More than n_batch tokens, or sampling where no logits were asked for, aborts the whole process.
         if n_tokens > self.n_batch:
             raise RuntimeError(f"plan has {n_tokens} tokens, more than n_batch={self.n_batch}")
-        self._token[:n_tokens] = tokens
-        self._pos[:n_tokens] = positions
-        self._seq_id[:n_tokens] = seq_ids
-        self._logits[:n_tokens] = 0
+        self.batch.set(tokens, positions, seq_ids)
         for _, index in sample_at:
-            self._logits[index] = 1
+            self.batch.logits[index] = 1
         for chunk, index in verify:
-            self._logits[index:index + 1 + len(chunk.draft_ids)] = 1
-        self._batch.n_tokens = n_tokens
+            self.batch.logits[index:index + 1 + len(chunk.draft_ids)] = 1
 
-        status = llama_cpp.llama_decode(self.ctx, self._batch)
+        status = llama_cpp.llama_decode(self.ctx, self.batch.batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
 
@@ -463,7 +473,43 @@ class LlamaCppExecutor:
         if accepted < len(chunk.draft_ids):
             first_rejected = chunk.start_pos + len(chunk.token_ids) + accepted
             llama_cpp.llama_memory_seq_rm(self.memory, chunk.seq_id, first_rejected, -1)
+        if self.drafter is not None and chunk.draft_len:
+            self.drafter.settle(chunk, accepted)
         return kept, kept_logprobs
+
+
+class TokenBatch:
+    """A llama_batch whose arrays live in numpy (llama_batch points into them): filling it is a few slice copies."""
+
+    def __init__(self, capacity: int) -> None:
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_id = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)  # 1 where llama_decode keeps logits
+        size = self.seq_id.itemsize
+        self._seq_id_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * capacity)(*(
+            ctypes.cast(self.seq_id.ctypes.data + i * size, ctypes.POINTER(llama_cpp.llama_seq_id))
+            for i in range(capacity)
+        ))
+        self.batch = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self.token.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_id_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+    def set(self, tokens: list[int], positions: list[int], seq_ids: list[int]) -> None:
+        """The batch's tokens, with no logits asked for yet (set `logits[i] = 1` where they are wanted)."""
+        n = len(tokens)
+        self.token[:n] = tokens
+        self.pos[:n] = positions
+        self.seq_id[:n] = seq_ids
+        self.logits[:n] = 0
+        self.batch.n_tokens = n
 
 
 class _LlamaSequences:
