@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from pydantic_core import to_json
 
 from qanat.energy.accounting import EnergyTotals
 from qanat.engine.client import (
@@ -140,8 +141,7 @@ class RemoteEngine:
         self._in_flight += 1
         try:
             tail = b""
-            async for data in self._relay_client().post_stream(path, json.dumps({**body, "model": self.settings.model})
-                                                               .encode()):
+            async for data in self._relay_client().post_stream(path, to_json({**body, "model": self.settings.model})):
                 tail = (tail + data)[-32:]
                 yield data
             if _SSE_DONE not in tail:

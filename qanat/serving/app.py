@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qanat import __version__
@@ -41,6 +41,7 @@ class GatewayMiddleware:
         self.config = config
         self.gateway = gateway
         self.metrics = metrics
+        self._counters: dict[tuple[str, int], Counter] = {}  # prometheus children by (route, status): labels() is slow
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -58,7 +59,10 @@ class GatewayMiddleware:
             await self._gate(scope, receive, counted_send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status)).inc()
+            counter = self._counters.get((route, status))
+            if counter is None:
+                counter = self._counters[route, status] = self.metrics.requests.labels(route, str(status))
+            counter.inc()
 
     async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.gateway.draining:
@@ -98,15 +102,20 @@ class GatewayMiddleware:
 
 
 class QanatApp(FastAPI):
-    """FastAPI with the gateway and the byte relay in front of its own middleware stack (error pages, telemetry,
-    routing, dependencies): a relayed request never enters that stack, which was a third of a router's CPU per
-    request (relay.py). An error that escapes the front still becomes a 500, from uvicorn."""
+    """FastAPI with the gateway and the byte relay in front of all of it (its telemetry, error pages, routing,
+    dependencies): a relayed request never enters FastAPI, which was a third of a router's CPU per request
+    (relay.py). An error that escapes the front still becomes a 500, from uvicorn."""
 
-    front: Callable[[ASGIApp], ASGIApp] | None = None  # wraps FastAPI's stack when it is first built
+    front: Callable[[ASGIApp], ASGIApp] | None = None  # wraps FastAPI's own __call__ for http requests
+    _fronted: ASGIApp | None = None
 
-    def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        return self.front(stack) if self.front is not None else stack
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is None or scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        if self._fronted is None:
+            self._fronted = self.front(super().__call__)
+        await self._fronted(scope, receive, send)
 
 
 def _too_large(limit: int) -> JSONResponse:

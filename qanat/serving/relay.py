@@ -14,12 +14,12 @@ middleware (app.QanatApp), so draining, the body limit and request counting appl
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qanat.engine.client import ByteRelay, RelayedStream, RequestHints
@@ -53,12 +53,15 @@ class RelayMiddleware:
         self.app = app
         self.state = state
         self.keys = [k.encode() for k in state.config.api_keys]
-        # Nothing can be relayed where no model is a ByteRelay or guardrails check every request.
-        self.enabled = state.guard is None and any(isinstance(m, ByteRelay) for m in state.models)
+        # The models that may be relayed, found once (isinstance on a runtime Protocol is slow); none where
+        # guardrails check every request.
+        self.relays: dict[str, ByteRelay] = {} if state.guard is not None else {
+            name: engine for name, engine in zip(state.models.names, state.models, strict=True)
+            if isinstance(engine, ByteRelay)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = ROUTES.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None or not self.enabled:
+        if route is None or not self.relays:
             await self.app(scope, receive, send)
             return
         raw = await _read_body(receive)
@@ -79,15 +82,15 @@ class RelayMiddleware:
         if self.keys and not bearer_key_matches(headers.get(b"authorization", b""), self.keys):
             return None
         try:
-            request = json.loads(raw)  # once: checked here, then sent as the client sent it
+            request = from_json(raw)  # once: checked here, then sent as the client sent it
         except ValueError:
             return None
         if not isinstance(request, dict) or request.get("stream") is not True:
             return None
         model = request.get("model")
-        engine = self.state.models.get(model) if isinstance(model, str) else None
-        if not isinstance(engine, ByteRelay) or not engine.can_relay():
-            return None  # the cheap tests first: requests for other models pay one json.loads here
+        engine = self.relays.get(model) if isinstance(model, str) else None
+        if engine is None or not engine.can_relay():
+            return None  # the cheap tests first: requests for other models pay one parse here
         try:
             # As FastAPI validates a body (parsed JSON into the model), then the pipeline's range checks.
             body = route.model.model_validate(request)

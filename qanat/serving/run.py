@@ -41,6 +41,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, config_file:
         state: AppState = app.state.qanat
         server = uvicorn.Server(uvicorn.Config(
             app, host=server_config.host, port=server_config.port, log_level="warning",
+            # Per-request work that nothing here uses: access lines (below "warning", never shown) and the
+            # client address from X-Forwarded-For.
+            access_log=False, proxy_headers=False,
             timeout_graceful_shutdown=int(server_config.drain_timeout_s) + 1,
         ))
         signals: list[int] = []
