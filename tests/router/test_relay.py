@@ -1,7 +1,7 @@
 """The byte relay: a streamed request to a model served by plain OpenAI-compatible upstreams passes through the
 router as the upstream's bytes (no per-token parsing), with retries before the first bytes, 4xx passed through,
 and an error event, never a silent cut or half an event, when the upstream fails mid-stream. The upstreams are
-real HTTP servers on 127.0.0.1 (the relay's client is aiohttp, which only speaks to sockets)."""
+real HTTP servers on 127.0.0.1 (the relay's client, engine/upstream_http.py, only speaks to sockets)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The relay's route in front of FastAPI (qanat/serving/relay.py): it serves only what it can prove relayable and
 hands everything else, body intact, to the full pipeline, which answers errors as always; a client that leaves
-mid-stream frees its replica at once. Real HTTP servers on 127.0.0.1, as the relay's aiohttp client needs."""
+mid-stream frees its replica at once. Real HTTP servers on 127.0.0.1, as the relay's socket client needs."""
 
 from __future__ import annotations
 
