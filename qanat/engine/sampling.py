@@ -83,26 +83,38 @@ class SamplingParams:
     speculative: bool = True
 
     def __post_init__(self) -> None:
-        def check(ok: bool, param: str, why: str) -> None:
-            if not ok:
-                raise InvalidRequestError(f"{param} {why}, got {getattr(self, param)!r}", param=param)
+        refused = self._refusal()
+        if refused is not None:
+            param, why = refused
+            raise InvalidRequestError(f"{param} {why}, got {getattr(self, param)!r}", param=param)
 
+    def _refusal(self) -> tuple[str, str] | None:
+        """The first field out of its range and why, or None. Messages are built only for a refusal: this runs
+        for every request, the byte relay's included."""
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
                      "frequency_penalty"):
-            check(LIMITS[name].contains(getattr(self, name)), name, LIMITS[name].describe())
-        check(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
-        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be >= 1")
-        check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
-        check(len(self.stop) <= LIMITS["stop"].hi, "stop", f"allows at most {LIMITS['stop'].hi:g} strings")
-        check(all(t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
-        check(all(LIMITS["logit_bias"].contains(b) for _, b in self.logit_bias), "logit_bias",
-              "values " + LIMITS["logit_bias"].describe())
+            if not LIMITS[name].contains(getattr(self, name)):
+                return name, LIMITS[name].describe()
+        if not (self.seed is None or 0 <= self.seed < 2**63):
+            return "seed", "must be a non-negative integer"
+        if not (self.max_tokens is None or self.max_tokens >= 1):
+            return "max_tokens", "must be >= 1"
+        if not all(isinstance(s, str) and s for s in self.stop):
+            return "stop", "must be non-empty strings"
+        if len(self.stop) > LIMITS["stop"].hi:
+            return "stop", f"allows at most {LIMITS['stop'].hi:g} strings"
+        if not all(t >= 0 for t in self.stop_token_ids):
+            return "stop_token_ids", "must be token ids >= 0"
+        if not all(LIMITS["logit_bias"].contains(b) for _, b in self.logit_bias):
+            return "logit_bias", "values " + LIMITS["logit_bias"].describe()
         # A grammar must be free to end the output: banning end-of-generation would leave llama.cpp's grammar
         # with no allowed token, which aborts the whole process.
-        check(not (self.ignore_eos and self.constraint is not None), "ignore_eos",
-              "cannot be combined with a grammar or response_format (the output ends where the grammar does)")
-        check(self.logprobs is None or LIMITS["logprobs"].contains(self.logprobs), "logprobs",
-              LIMITS["logprobs"].describe())
+        if self.ignore_eos and self.constraint is not None:
+            return "ignore_eos", ("cannot be combined with a grammar or response_format (the output ends where the "
+                                  "grammar does)")
+        if not (self.logprobs is None or LIMITS["logprobs"].contains(self.logprobs)):
+            return "logprobs", LIMITS["logprobs"].describe()
+        return None
 
     @property
     def is_greedy(self) -> bool:

@@ -47,36 +47,15 @@ class GatewayMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             await self.app(scope, receive, send)
             return
-        status = 500
+        status = 0  # until the response starts
+        received = 0
+        limit = self.config.max_body_bytes
 
-        async def counted_send(message: Message) -> None:
+        async def watched_send(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
-
-        try:
-            await self._gate(scope, receive, counted_send)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            counter = self._counters.get((route, status))
-            if counter is None:
-                counter = self._counters[route, status] = self.metrics.requests.labels(route, str(status))
-            counter.inc()
-
-    async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.gateway.draining:
-            draining = error_response(503, "the server is shutting down", "server_error", code="draining",
-                                      headers={"Retry-After": "5"})
-            await draining(scope, receive, send)
-            return
-        limit = self.config.max_body_bytes
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            await _too_large(limit)(scope, receive, send)
-            return
-        received = 0
-        started = False
 
         async def counted_receive() -> Message:
             nonlocal received
@@ -86,19 +65,30 @@ class GatewayMiddleware:
                 raise _BodyTooLargeError()
             return message
 
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        self.gateway.in_flight += 1
+        length = dict(scope["headers"]).get(b"content-length")
         try:
-            await self.app(scope, counted_receive, watched_send)
-        except _BodyTooLargeError:
-            if not started:
-                await _too_large(limit)(scope, receive, send)
+            if self.gateway.draining:
+                await error_response(503, "the server is shutting down", "server_error", code="draining",
+                                     headers={"Retry-After": "5"})(scope, receive, watched_send)
+            elif length is not None and (not length.isdigit() or int(length) > limit):
+                await _too_large(limit)(scope, receive, watched_send)
+            else:
+                self.gateway.in_flight += 1
+                try:
+                    await self.app(scope, counted_receive, watched_send)
+                except _BodyTooLargeError:
+                    if not status:
+                        await _too_large(limit)(scope, receive, watched_send)
+                finally:
+                    self.gateway.in_flight -= 1
         finally:
-            self.gateway.in_flight -= 1
+            self._count(getattr(scope.get("route"), "path", "unmatched"), status or 500)
+
+    def _count(self, route: str, status: int) -> None:
+        counter = self._counters.get((route, status))
+        if counter is None:
+            counter = self._counters[route, status] = self.metrics.requests.labels(route, str(status))
+        counter.inc()
 
 
 class QanatApp(FastAPI):
