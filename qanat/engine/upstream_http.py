@@ -192,9 +192,9 @@ class UpstreamHTTP:
             try:
                 await self._headers(connection)
                 return connection
-            except UpstreamHTTPError:
-                connection.close()
-                if connection.received_any:
+            except BaseException as e:
+                connection.close()  # a cancelled request too: its connection is in no pool and mid-exchange
+                if not isinstance(e, UpstreamHTTPError) or connection.received_any:
                     raise
         connection = await self._connect()
         connection.begin(request)
