@@ -193,8 +193,11 @@ class UpstreamHTTP:
                 await self._headers(connection)
                 return connection
             except BaseException as e:
+                # Stale: the upstream closed it before a byte of the answer. Not a timeout (the upstream may be
+                # working on the request), a cancellation or a bad answer.
+                stale = isinstance(e, UpstreamHTTPError) and connection.closed and not connection.received_any
                 connection.close()  # a cancelled request too: its connection is in no pool and mid-exchange
-                if not isinstance(e, UpstreamHTTPError) or connection.received_any:
+                if not stale:
                     raise
         connection = await self._connect()
         connection.begin(request)
