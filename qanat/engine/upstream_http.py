@@ -54,6 +54,7 @@ class _Connection(asyncio.Protocol):
         self.headers_done = False
         self.complete = False
         self.received_any = False  # a byte of the current answer came back
+        self.framed = False  # the answer has a Content-Length or Transfer-Encoding, else its body ends at the close
         self.error: BaseException | None = None
         self.closed = False
         self.waiter: asyncio.Future[None] | None = None
@@ -71,10 +72,17 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if exc is None and self.headers_done and not self.framed and not self.complete:
+            self.complete = True  # a body delimited by the close (RFC 9112 6.3), which httptools cannot know
+            self._wake()
         if not self.complete:
             self._fail(UpstreamHTTPError(f"the upstream closed the connection ({exc or 'end of stream'})"))
 
     # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
@@ -97,7 +105,7 @@ class _Connection(asyncio.Protocol):
     def begin(self, request: bytes) -> None:
         assert self.transport is not None
         self.parser = httptools.HttpResponseParser(self)
-        self.status, self.headers_done, self.complete, self.received_any = 0, False, False, False
+        self.status, self.headers_done, self.complete, self.received_any, self.framed = 0, False, False, False, False
         self.transport.write(request)
 
     async def wait(self) -> None:
@@ -192,9 +200,12 @@ class UpstreamHTTP:
             try:
                 await self._headers(connection)
                 return connection
-            except UpstreamHTTPError:
-                connection.close()
-                if connection.received_any:
+            except BaseException as e:
+                # Stale: the upstream closed it before a byte of the answer. Not a timeout (the upstream may be
+                # working on the request), a cancellation or a bad answer.
+                stale = isinstance(e, UpstreamHTTPError) and connection.closed and not connection.received_any
+                connection.close()  # a cancelled request too: its connection is in no pool and mid-exchange
+                if not stale:
                     raise
         connection = await self._connect()
         connection.begin(request)
