@@ -155,7 +155,7 @@ def _bench(args: argparse.Namespace) -> int:
         config = BenchConfig(
             url=args.url, model=args.model, api_key=args.api_key, endpoint=args.endpoint,
             concurrency=tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (
-                (1, 4, 16, 64) if args.sweep else ()),
+                (1, 2, 4, 8, 16, 32, 64) if args.sweep else ()),
             rate=tuple(float(r) for r in args.rate.split(",")) if args.rate else (),
             duration_s=args.duration, ignore_eos=not args.no_ignore_eos, tokenizer=args.tokenizer,
             slo=Slo.parse(args.slo) if args.slo else None, timeout_s=args.timeout,
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.add_argument("--sweep", action="store_true",
                        help="the runs `qanat plan --calibrate` needs: prefill at 4 prompt lengths, decode at each "
-                            "--concurrency (default 1,4,16,64) at short and long context, power")
+                            "--concurrency (default 1,2,4,8,16,32,64) at short and long context, power")
     bench.add_argument("--sweep-max-input", type=int, default=1024, help="longest prompt of --sweep, in tokens")
     bench.add_argument("--turns", type=int, default=0,
                        help="multi-turn workload: each conversation sends this many turns, each re-sending the history "

@@ -2,7 +2,8 @@
 
 Three phases, each a closed-loop run per point: prefill (concurrency 1, prompts from 1/8 of the longest to
 the longest, a few output tokens: TTFT is the prompt's cost), decode at short context (every concurrency:
-TPOT against batch size) and decode at long context (three concurrencies: TPOT against KV traffic). Each run
+TPOT and the decode-only step time against batch size; a ladder of batch sizes is what separates a step's fixed
+cost from its cost per sequence) and decode at long context (three concurrencies: TPOT against KV traffic). Each run
 keeps its own workload (`runs[i].workload`, `runs[i].phase`). Decode runs spread output lengths (--output-jitter,
 0.5 by default) so the closed loop reaches the staggered steady state the planner predicts instead of running in
 synchronised waves. Watts come from the target's reported energy

@@ -2,8 +2,10 @@
 as a profile keyed by (chip, engine, precision) that later predictions use (and say so).
 
 The fit minimises a robust (soft-L1) loss on the log errors of the predicted median TPOT and TTFT of every
-unsaturated run (a run slowed by other work on a shared host should not drag the factors), with the
-same step and queue model `qanat plan` predicts with, over six factors: bandwidth, compute, prefill and decode attention
+unsaturated run (a run slowed by other work on a shared host should not drag the factors), with the same step and
+queue model `qanat plan` predicts with, and of the step model against each run's measured decode-only steps
+(`decode_steps`: a TPOT mixes decode steps with the prompt chunks riding in them, so TPOTs alone pin the cost of a
+decode step against batch size loosely), over six factors: bandwidth, compute, prefill and decode attention
 efficiency, a fixed time per step (per-layer and per-step costs are one constant for a fixed model) and a fixed
 time per decoded sequence (logits, sampling: what batching a decode does not amortise). Power, when the result
 carries energy, is a linear least-squares fit of watts on the step's memory and compute busy fractions.
@@ -17,7 +19,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from qanat.planner.efficiency import Efficiency
 from qanat.planner.model import ModelSpec
 from qanat.planner.serving import Engine, Traffic
 from qanat.planner.simulate import REPLAYS, simulate_closed_loop
-from qanat.planner.step import Deployment
+from qanat.planner.step import Deployment, StepLoad, StepModel
 
 FITTED = ("mem", "compute", "attention", "decode_attention", "step_s", "token_s")
 ROBUST_SCALE = 0.25  # log-error where the loss turns from quadratic to linear: runs hit by other load weigh less
@@ -35,6 +37,8 @@ MIN_TPOT_TOKENS = 8  # a TPOT over fewer output tokens (the prefill runs') is a 
 # Replays pooled per run inside the fit's loss (thousands of evaluations): fewer than a prediction's REPLAYS, enough
 # that a run's TTFT median does not flip between modes with one draw of output lengths.
 FIT_REPLAYS = 4
+STEP_GROUPING = 0.1  # tokens received within this share of the median inter-token gap came from one step
+MIN_DECODE_STEPS = 10  # decode-only steps a run needs for its median step time to be fitted
 LOGNORMAL_Q10 = 1.2816  # a standard normal's 90th percentile: ln(q50 / q10) of a lognormal is this many sigmas
 # A second start for the search: a host far from its datasheet (slow, overhead-heavy), where fits of
 # contended CPUs land; the better of the two fits is kept.
@@ -59,6 +63,8 @@ class Observation:
     cached_tokens: float = 0.0  # mean prompt tokens the server's prefix cache held (not computed)
     requests: int = 0  # requests the run sent (0: unknown; the prediction is then the analytic steady state)
     output_jitter: float = 0.0  # output lengths uniform in [1-j, 1+j] x output_tokens
+    decode_step_s: float | None = None  # median time of the run's decode-only steps at full batch (`decode_steps`)
+    decode_context: float = 0.0  # mean tokens each sequence of those steps attended to
 
 
 def _steady_medians(run: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -91,6 +97,38 @@ def step_variation(result: dict[str, Any]) -> float:
     return statistics.median(sigmas) if sigmas else 0.0
 
 
+def decode_steps(run: dict[str, Any]) -> tuple[float, float] | None:
+    """(median seconds, mean context in tokens) of a closed-loop run's decode-only steps at full batch: steps in
+    which every one of the run's C requests received a token that was not its first. In a closed loop of C clients
+    no other request exists then, so such a step carried exactly C decodes and no prompt; its time is the gap
+    between the receipt of its tokens and of the previous step's. Tokens of one step leave the server together:
+    receipt times within STEP_GROUPING of the run's median inter-token gap are one step (two tokens of one request
+    in a group, or fewer than C, and the group is not counted). None: fewer than MIN_DECODE_STEPS such steps."""
+    load = int(run["load"])
+    tokens = sorted((r["start_s"] + t, i, k, r.get("prompt_tokens") or 0)
+                    for i, r in enumerate(run.get("requests") or []) if r.get("ok")
+                    for k, t in enumerate(r.get("chunk_times_s") or []))
+    gaps = [b - a for r in run.get("requests") or [] if r.get("ok")
+            for a, b in itertools.pairwise(r.get("chunk_times_s") or [])]
+    if not gaps:
+        return None
+    tolerance = STEP_GROUPING * statistics.median(gaps)
+    groups: list[list[tuple[float, int, int, int]]] = []
+    for token in tokens:
+        if groups and token[0] - groups[-1][-1][0] <= tolerance:
+            groups[-1].append(token)
+        else:
+            groups.append([token])
+    times, contexts = [], []
+    for previous, group in itertools.pairwise(groups):
+        if len(group) == load == len({i for _, i, _, _ in group}) and all(k > 0 for _, _, k, _ in group):
+            times.append(group[0][0] - previous[0][0])
+            contexts.append(sum(prompt + k for _, _, k, prompt in group) / load)
+    if len(times) < MIN_DECODE_STEPS:
+        return None
+    return statistics.median(times), statistics.fmean(contexts)
+
+
 def observations(result: dict[str, Any], steady: bool = True) -> list[Observation]:
     """Closed-loop runs of a schema-1 result; per-run workloads (`--sweep`) override the global one. `steady`:
     TTFT and TPOT are the medians of the requests after the first wave (False: of every request, as the
@@ -114,9 +152,10 @@ def observations(result: dict[str, Any], steady: bool = True) -> list[Observatio
         steady_ttft, steady_tpot = _steady_medians(run) if steady else (None, None)
         ttft, tpot = steady_ttft or ttft, steady_tpot or tpot
         cached = (agg.get("total_cached_tokens") or 0) / done
+        step_s, step_context = decode_steps(run) or (None, 0.0)
         obs.append(Observation(int(run["load"]), prompt, output, tpot, ttft, agg["output_throughput"], power,
                                str(run.get("phase", "")), cached, int(done),
-                               float(workload.get("output_jitter") or 0.0)))
+                               float(workload.get("output_jitter") or 0.0), step_s, step_context))
     if not obs:
         raise ValueError("the result has no completed runs")
     return obs
@@ -193,6 +232,7 @@ class Fit:
     residuals: dict[str, dict[str, float]]  # metric -> {"median": APE, "p90": APE}
     used_runs: int
     skipped: list[str]
+    step_residuals: dict[str, float] = field(default_factory=dict)  # the decode-only steps': {"median", "p90", "n"}
 
 
 def _ape_summary(pairs: list[tuple[float, float]]) -> dict[str, float]:
@@ -211,6 +251,12 @@ def usable_runs(obs: list[Observation], max_batch: int) -> tuple[list[Observatio
     return usable, skipped
 
 
+def predict_decode_step(steps: StepModel, eff: Efficiency, ob: Observation) -> float:
+    """The median time the model gives a decode-only step of `ob`'s full batch: the step's time times the median
+    of the replays' lognormal step factor (mean 1, log-sigma `eff.step_sigma`)."""
+    return steps.time(StepLoad(ob.concurrency, ob.decode_context)).total_s * math.exp(-eff.step_sigma ** 2 / 2)
+
+
 def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, obs: list[Observation]) -> Fit:
     usable, skipped = usable_runs(obs, base.max_batch)
     if len(usable) < 2:
@@ -221,6 +267,7 @@ def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, 
 
     def loss(logs: list[float]) -> float:
         eff = _with_params(base, logs)
+        steps = StepModel(model, chip, deploy, eff)
         total = 0.0
         for ob in usable:
             tpot, ttft, _ = predict_run(model, chip, deploy, eff, ob, FIT_REPLAYS)
@@ -228,6 +275,8 @@ def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, 
                 total += robust(math.log(tpot / ob.tpot_s))  # type: ignore[operator]
             if ob.ttft_s:
                 total += robust(math.log(ttft / ob.ttft_s))
+            if ob.decode_step_s:
+                total += robust(math.log(predict_decode_step(steps, eff, ob) / ob.decode_step_s))
         return total
 
     results = []
@@ -250,7 +299,10 @@ def fit(model: ModelSpec, chip: ChipSpec, deploy: Deployment, base: Efficiency, 
         "ttft_s": _ape_summary([(p[1], o.ttft_s) for o, p in predicted if o.ttft_s]),
         "output_tps": _ape_summary([(p[2], o.output_tps) for o, p in predicted]),
     }
-    return Fit(eff, {k: v for k, v in residuals.items() if v}, len(usable), skipped)
+    steps = StepModel(model, chip, deploy, eff)
+    step_residuals = _ape_summary([(predict_decode_step(steps, eff, o), o.decode_step_s) for o in usable
+                                   if o.decode_step_s])
+    return Fit(eff, {k: v for k, v in residuals.items() if v}, len(usable), skipped, step_residuals)
 
 
 def _fit_power(model: ModelSpec, chip: ChipSpec, deploy: Deployment, eff: Efficiency,

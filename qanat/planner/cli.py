@@ -151,6 +151,10 @@ def _calibrate(catalog: Catalog, args: argparse.Namespace) -> int:
         print(f"  power: idle {e.idle_w:.1f} W, memory share {e.power_mem:.3f}, compute share {e.power_compute:.3f}")
     for metric, r in fitted.residuals.items():
         print(f"  fit residual {metric}: median {r['median'] * 100:.1f} %, p90 {r['p90'] * 100:.1f} % (n={r['n']:.0f})")
+    if fitted.step_residuals:
+        r = fitted.step_residuals
+        print(f"  fit residual decode-only step: median {r['median'] * 100:.1f} %, p90 {r['p90'] * 100:.1f} % "
+              f"(n={r['n']:.0f})")
     for reason in fitted.skipped:
         print(f"  skipped a run: {reason}")
     print(f"wrote {path}")

@@ -21,6 +21,10 @@ def test_points_cover_prefill_and_two_decode_contexts() -> None:
     assert [p.concurrency for p in short] == [1, 4, 16] and {p.input_tokens for p in short} == {64}
     assert [p.concurrency for p in long] == [1, 4, 16] and {p.input_tokens for p in long} == {512}
     assert all(p.num_requests >= 4 * p.concurrency for p in short + long)
+    # The calibration procedure's ladder (docs/planner.md): decode at five batch sizes, long context at three.
+    ladder = sweep.sweep_points((1, 2, 4, 8, 16), 384, 24)
+    assert [p.concurrency for p in ladder if p.phase == "decode-short"] == [1, 2, 4, 8, 16]
+    assert [p.concurrency for p in ladder if p.phase == "decode-long"] == [1, 4, 16]
     with pytest.raises(ValueError):
         sweep.sweep_points((), 1024, 64)
 

@@ -14,8 +14,10 @@ from qanat.bench.sweep import sweep_points
 from qanat.cli import main
 from qanat.models.locate import DEFAULT_MODEL_ID, default_model_path
 from qanat.planner.calibrate import (
+    MIN_DECODE_STEPS,
     Fit,
     Observation,
+    decode_steps,
     find_profile,
     fit,
     observations,
@@ -32,7 +34,7 @@ from qanat.planner.precision import gguf_precision
 from qanat.planner.predict import SIMULATED_OUTPUT_JITTER
 from qanat.planner.serving import Engine, Traffic
 from qanat.planner.simulate import simulate_closed_loop
-from qanat.planner.step import Deployment
+from qanat.planner.step import Deployment, StepLoad, StepModel
 
 # A fixed stand-in for this-machine, so the test does not depend on the host it runs on.
 HOST = ChipSpec("test-host", "cpu-host", {"fp32": 300e9, "bf16": 300e9, "int8": 1.2e12}, 16e9, 20e9, 40.0, idle_w=5.0)
@@ -47,11 +49,24 @@ def _setup() -> tuple[ModelSpec, Deployment]:
     return model, Deployment(1, precision, 2.0)
 
 
+def _lockstep_requests(steps: StepModel, batch: int, prompt: int, decodes: int) -> list[dict[str, Any]]:
+    """`batch` requests that get their first tokens together and then decode in lockstep, each step taking the step
+    model's time at its context: what `decode_steps` reads. Token times only (no output count: `step_variation`
+    leaves them out, so the synthetic result's step spread stays 0)."""
+    times = [0.1]
+    for k in range(1, decodes + 1):
+        times.append(times[-1] + steps.time(StepLoad(batch, prompt + k)).total_s)
+    return [{"index": i, "ok": True, "start_s": 0.0, "prompt_tokens": prompt, "chunk_times_s": times}
+            for i in range(batch)]
+
+
 def synthetic_result(model: ModelSpec, deploy: Deployment, truth: dict[str, float]) -> dict[str, Any]:
-    """A schema-1 `qanat bench --sweep` result whose medians are what the model predicts with `truth`."""
+    """A schema-1 `qanat bench --sweep` result whose medians, and decode runs' decode-only steps, are what the model
+    predicts with `truth`."""
     base, _ = default_efficiency("cpu-host")
     eff = replace(base, layer_s=0.0, **truth, **TRUE_POWER)  # type: ignore[arg-type]
     curve = power_curve(HOST, eff)
+    steps = StepModel(model, HOST, deploy, eff)
     runs = []
     for point in sweep_points((1, 4, 16), 512, 32):
         ob = Observation(point.concurrency, point.input_tokens, point.output_tokens, None, None, 0.0, None,
@@ -68,7 +83,8 @@ def synthetic_result(model: ModelSpec, deploy: Deployment, truth: dict[str, floa
                           "total_output_tokens": point.output_tokens * point.num_requests,
                           "median_tpot_ms": tpot * 1e3, "median_ttft_ms": ttft * 1e3, "output_throughput": tps,
                           "energy_joules": curve.at(step) * duration},
-            "requests": [],
+            "requests": (_lockstep_requests(steps, point.concurrency, point.input_tokens, point.output_tokens - 1)
+                         if point.phase != "prefill" else []),
         })
     config = {"mode": "closed", "model": DEFAULT_MODEL_ID, "workload": {"input_tokens": 0, "output_tokens": 0}}
     return {"schema_version": SCHEMA_VERSION, "runs": runs, "config": config}
@@ -97,7 +113,49 @@ def test_fit_recovers_known_factors(fitted: Fit) -> None:
     assert e.power_compute == pytest.approx(TRUE_POWER["power_compute"], rel=0.05)
     assert e.power_floor == 0.0  # the fitted intercept is the whole floor
     assert fitted.residuals["tpot_s"]["median"] < 0.01
+    assert fitted.step_residuals["median"] < 0.01
+    assert fitted.step_residuals["n"] == sum(1 for r in result["runs"] if r["phase"] != "prefill")
     assert fitted.used_runs == len(result["runs"])
+
+
+def test_decode_steps_are_the_full_batch_steps_without_a_prompt() -> None:
+    """Three clients, 100-token prompts. Counted: the steps in which all three requests got a token that was not
+    their first (30 ms each). Not counted: the 15 steps in which two decode while the third client is between
+    requests (20 ms each: as many as the counted ones, so counting them would move the median) and the step that
+    carries the third client's next prompt (200 ms, a first token in it)."""
+    tokens: dict[int, list[float]] = {0: [], 1: [], 2: [], 3: []}
+    counted_contexts: list[float] = []
+    t = 0.1
+    for r in (0, 1, 2):
+        tokens[r].append(t)
+    for _ in range(11):  # all three decode
+        t += 0.03
+        for r in (0, 1, 2):
+            tokens[r].append(t)
+        counted_contexts.append(sum(100 + len(tokens[r]) - 1 for r in (0, 1, 2)) / 3)
+    for _ in range(15):  # request 2 has ended; its client's next request is not in yet
+        t += 0.02
+        for r in (0, 1):
+            tokens[r].append(t)
+    t += 0.2  # request 3's prompt rides in this step
+    for r in (0, 1, 3):
+        tokens[r].append(t)
+    for _ in range(5):
+        t += 0.03
+        for r in (0, 1, 3):
+            tokens[r].append(t)
+        counted_contexts.append(sum(100 + len(tokens[r]) - 1 for r in (0, 1, 3)) / 3)
+    # Receipt jitter within a step: half a millisecond per stream.
+    requests = [{"index": r, "ok": True, "start_s": 0.0, "prompt_tokens": 100,
+                 "chunk_times_s": [x + 0.0005 * (r % 3) for x in times]} for r, times in tokens.items()]
+    measured = decode_steps({"load": 3, "requests": requests})
+    assert measured is not None
+    assert measured[0] == pytest.approx(0.03, abs=1e-3)
+    assert measured[1] == pytest.approx(sum(counted_contexts) / len(counted_contexts))
+    # Too few such steps: no measurement rather than the median of a handful.
+    few = [{"index": r, "ok": True, "start_s": 0.0, "prompt_tokens": 100,
+            "chunk_times_s": [0.1 + 0.03 * k for k in range(MIN_DECODE_STEPS)]} for r in range(3)]
+    assert decode_steps({"load": 3, "requests": few}) is None
 
 
 def test_saturated_runs_are_left_out() -> None:
