@@ -124,6 +124,12 @@ async def _answer(started: Awaitable[RelayedStream], scope: Scope, receive: Rece
         watcher = loop.create_task(_disconnected(receive))
         watcher.add_done_callback(client_left)
 
+    def stop_watching() -> None:
+        watch_later.cancel()
+        if watcher is not None:
+            watcher.remove_done_callback(client_left)
+            watcher.cancel()
+
     # The watcher is a task of its own, ≈10 % of a relayed request's CPU where the upstream answers at once; an
     # answer that ends within WATCH_AFTER_S needs none, and a client leaving a longer one is seen that much later.
     watch_later = loop.call_later(WATCH_AFTER_S, watch)
@@ -142,6 +148,8 @@ async def _answer(started: Awaitable[RelayedStream], scope: Scope, receive: Rece
                     # The stream's last event ends the response in the same write (one syscall of three).
                     ended = data.endswith(_SSE_END)
                     await send({"type": "http.response.body", "body": data, "more_body": not ended})
+                    if ended:
+                        stop_watching()  # a complete response reads as a disconnect; the upstream's tail is ours
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -150,10 +158,7 @@ async def _answer(started: Awaitable[RelayedStream], scope: Scope, receive: Rece
         if watcher is None or not watcher.done() or watcher.cancelled():
             raise  # cancelled from above (shutdown), not by the client leaving
     finally:
-        watch_later.cancel()
-        if watcher is not None:
-            watcher.remove_done_callback(client_left)
-            watcher.cancel()
+        stop_watching()
 
 
 async def _disconnected(receive: Receive) -> None:

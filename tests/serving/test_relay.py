@@ -131,6 +131,37 @@ def test_a_client_that_leaves_mid_stream_frees_the_replica_and_closes_the_upstre
             assert r.replicas[0].view.outstanding == 0
 
 
+def test_the_done_event_ends_the_response_and_the_upstreams_later_end_is_still_read() -> None:
+    """[DONE] ends the client's response in the same write; the upstream's own end (its chunked terminator) may
+    come later. The router still reads it and books the request as served: the complete response must not read
+    as the client leaving."""
+
+    class Trailing(_Upstream):
+        def answer(self, body: bytes) -> None:
+            first = b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+            done = b"data: [DONE]\n\n"
+            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                             b"\r\n%x\r\n%s\r\n" % (len(first), first))
+            self.wfile.flush()
+            time.sleep(0.1)  # past relay.WATCH_AFTER_S: the task that watches for the client leaving is running
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(done), done))
+            self.wfile.flush()
+            time.sleep(0.2)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    with _tcp(Trailing) as port:
+        remote = RemoteEngine(RemoteSettings(f"http://127.0.0.1:{port}/v1", "up"))
+        with routed(remote) as (url, r):
+            answer = httpx.post(f"{url}/v1/chat/completions", json=CHAT)
+            deadline = time.monotonic() + 5
+            while (relayed_requests(r) == 0 or r.replicas[0].view.outstanding) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            served_ok, outstanding = relayed_requests(r), r.replicas[0].view.outstanding
+    assert answer.status_code == 200 and events(answer.text)[-1] == "[DONE]"
+    assert served_ok == 1 and outstanding == 0
+
+
 class _Upstream(socketserver.StreamRequestHandler):
     """A bare HTTP/1.1 upstream of model "up": GETs (the router's probes) get its listing, each POST's body goes
     to `answer`."""
