@@ -200,7 +200,7 @@ class ModelRouter:
                     return
                 raise EngineUnavailableError(self._unavailable_message(first is not None))
             attempts.tried.add(replica.name)
-            self.metrics.observe_overhead(self.name, time.perf_counter() - entered_s)
+            self.metrics.overhead_for(self.name).observe(time.perf_counter() - entered_s)
             target: Prompt = prompt if first is None else TokenPrompt(prompt_ids or (), tuple(sent))
             replica.take(route.max_tokens)
             started_s = time.perf_counter()
@@ -235,7 +235,7 @@ class ModelRouter:
         full = isinstance(error, QueueFullError)
         if not full:
             replica.failed(time.monotonic())
-        self.metrics.count(self.name, replica.name, "full" if full else "failed")
+        self.metrics.requests_for(self.name, replica.name, "full" if full else "failed").inc()
         return full
 
     async def _retry_before_first(self, attempts: _Attempts, replica: Replica, error: Exception) -> None:
@@ -271,7 +271,7 @@ class ModelRouter:
                     raise QueueFullError(f"model {self.name}: every replica is at capacity")
                 raise EngineUnavailableError(self._unavailable_message(False))
             attempts.tried.add(replica.name)
-            self.metrics.observe_overhead(self.name, time.perf_counter() - entered_s)
+            self.metrics.overhead_for(self.name).observe(time.perf_counter() - entered_s)
             engine = replica.engine
             assert isinstance(engine, RemoteEngine)
             replica.take(max_tokens)
@@ -298,8 +298,8 @@ class ModelRouter:
             self._book_failure(replica, e)
             raise
         else:
-            self.metrics.count(self.name, replica.name, "ok")
-            self.metrics.observe_latency(self.name, replica.name, time.perf_counter() - started_s)
+            self.metrics.requests_for(self.name, replica.name, "ok").inc()
+            self.metrics.latency_for(self.name, replica.name).observe(time.perf_counter() - started_s)
             replica.succeeded()
         finally:
             replica.release(max_tokens)
@@ -331,8 +331,8 @@ class ModelRouter:
         return f"model {self.name}: {what} ({states})"
 
     def _book(self, replica: Replica, final: Delta, outcome: str, started_s: float) -> None:
-        self.metrics.count(self.name, replica.name, outcome)
-        self.metrics.observe_latency(self.name, replica.name, time.perf_counter() - started_s)
+        self.metrics.requests_for(self.name, replica.name, outcome).inc()
+        self.metrics.latency_for(self.name, replica.name).observe(time.perf_counter() - started_s)
         if final.energy_j:
             replica.view.joules += final.energy_j
             replica.view.tokens += final.num_prompt_tokens + final.num_output_tokens

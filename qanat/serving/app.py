@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qanat import __version__
@@ -41,7 +42,8 @@ class GatewayMiddleware:
         self.config = config
         self.gateway = gateway
         self.metrics = metrics
-        self._counters: dict[tuple[str, int], Counter] = {}  # prometheus children by (route, status): labels() is slow
+        # The request counter's children, memoized by label values: labels() locks and validates on every call.
+        self._requests_for = functools.cache(metrics.requests.labels)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -82,13 +84,7 @@ class GatewayMiddleware:
                 finally:
                     self.gateway.in_flight -= 1
         finally:
-            self._count(getattr(scope.get("route"), "path", "unmatched"), status or 500)
-
-    def _count(self, route: str, status: int) -> None:
-        counter = self._counters.get((route, status))
-        if counter is None:
-            counter = self._counters[route, status] = self.metrics.requests.labels(route, str(status))
-        counter.inc()
+            self._requests_for(getattr(scope.get("route"), "path", "unmatched"), str(status or 500)).inc()
 
 
 class QanatApp(FastAPI):

@@ -53,7 +53,6 @@ _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache
 class RelayMiddleware:
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
-        self.state = state
         self.keys = [k.encode() for k in state.config.api_keys]
         # The models that may be relayed, found once (isinstance on a runtime Protocol is slow); none where
         # guardrails check every request.
@@ -183,7 +182,7 @@ async def relay_sse(chunks: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]
     except Exception as e:
         log.warning("relayed stream failed after its first bytes: %s", e)
         yield sse_event(error_body(e)).encode()
-        yield b"data: [DONE]\n\n"
+        yield _SSE_END
         return
     if pending:
         yield pending
