@@ -172,15 +172,19 @@ class UpstreamHTTP:
         async with self._slots:
             connection = await self._send(request)
             try:
-                if connection.status != 200:
-                    raise UpstreamStatus(connection.status, await self._read_all(connection))
+                refused: list[bytes] | None = [] if connection.status != 200 else None  # read whole, then raised
                 while True:
                     if connection.chunks:
-                        yield connection.take()
+                        if refused is None:
+                            yield connection.take()
+                        else:
+                            refused.append(connection.take())
                     elif connection.complete:
                         break
                     else:
                         await self._wait(connection)
+                if refused is not None:
+                    raise UpstreamStatus(connection.status, b"".join(refused))
             except BaseException:
                 connection.close()  # left mid-answer: the connection's state is unknown
                 raise
@@ -235,16 +239,6 @@ class UpstreamHTTP:
                 await connection.wait()
         except TimeoutError as e:
             raise UpstreamHTTPError(f"no answer from {self.host}:{self.port} in {self.read_timeout_s:g} s") from e
-
-    async def _read_all(self, connection: _Connection) -> bytes:
-        parts = []
-        while not connection.complete:
-            if connection.chunks:
-                parts.append(connection.take())
-            else:
-                await self._wait(connection)
-        parts.append(connection.take())
-        return b"".join(parts)
 
     def close(self) -> None:
         while self._idle:
