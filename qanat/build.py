@@ -19,7 +19,7 @@ from qanat.engine.client import EngineClient
 from qanat.engine.core.loop import EngineCore
 from qanat.engine.core.prefix_cache import PrefixCache
 from qanat.engine.core.scheduler import Scheduler
-from qanat.engine.core.speculation import NGRAM_MAX, SpeculationConfig, Speculator
+from qanat.engine.core.speculation import STEP_FIXED_COST_TOKENS, SpeculationConfig, Speculator
 from qanat.engine.executors.base import Executor, Tokenizer
 from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
 from qanat.engine.executors.kv_tiers import TierSettings
@@ -62,7 +62,8 @@ def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> Loc
         # sequence's decode past 512 cells): a token's numbers would depend on what shares its pass.
         flash_attn="off" if config.deterministic else config.flash_attn,
     )
-    spec = LlamaCppSpec(path, settings, config.energy_meter, config.cpu_tdp_w, tier_settings(config), draft_path)
+    spec = LlamaCppSpec(path, settings, config.energy_meter, config.cpu_tdp_w, tier_settings(config), draft_path,
+                        measure_step_cost=config.speculative != "off")
     tokenizer = LlamaTokenizer(path)
     try:
         executor: Executor = spec.create() if in_process else ProcessExecutor(spec)
@@ -109,9 +110,9 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
         log.info("draft model: a one-token draft pass takes %.2f of a target pass's time (measured at load)",
                  facts.draft_cost)
     if config.speculative != "off":
-        speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min,
-                                                  max(config.ngram_min, NGRAM_MAX), draft_cost=facts.draft_cost,
-                                                  draft_min=config.draft_min))
+        fixed = facts.step_fixed_cost if facts.step_fixed_cost is not None else STEP_FIXED_COST_TOKENS
+        speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min, fixed,
+                                                  draft_cost=facts.draft_cost, draft_min=config.draft_min))
     scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic,
                           prefix_cache=prefix_cache, speculator=speculator)
     core = EngineCore(scheduler, executor, tokenizer, EnergyAccountant(facts.energy_source),

@@ -14,7 +14,14 @@ from qanat.config import ConfigError, EngineConfig
 from qanat.engine.client import FinishReason
 from qanat.engine.core.request import Request, RequestState
 from qanat.engine.core.scheduler import Scheduler
-from qanat.engine.core.speculation import STEP_FIXED_COST_TOKENS, NgramIndex, SpeculationConfig, Speculator
+from qanat.engine.core.speculation import (
+    MATCH_MAX,
+    STEP_FIXED_COST_TOKENS,
+    SpeculationConfig,
+    Speculator,
+    SuffixIndex,
+    bucket_of,
+)
 from qanat.engine.executors.fake import FakeExecutor, FakeSpec
 from qanat.engine.local import LocalEngine
 from qanat.engine.sampling import SamplingParams
@@ -60,27 +67,61 @@ def repetitive_prompt(engine: LocalEngine, seed_text: str) -> list[int]:
 
 # -- prompt lookup -----------------------------------------------------------------------------------------
 
-def test_ngram_index_continues_the_longest_latest_match() -> None:
-    index = NgramIndex(2, 4)
+def test_prompt_lookup_continues_the_longest_match_and_the_latest_of_equals() -> None:
+    index = SuffixIndex(2)
     tokens = [1, 2, 3, 4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]
     index.extend(tokens)
-    # "1 2 3" (3-gram) last occurred at the start, followed by 4 9 9; "2 3" alone would point at "5 6".
+    # "1 2 3" matched 3 tokens back at the start, followed by 4 9 9; "2 3" alone would point at "5 6".
     assert index.draft(tokens, 3) == ([4, 9, 9], 3)
-    assert index.draft(tokens, 20)[0] == [4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]  # up to the end of what is known
+    assert index.draft(tokens, 11)[0] == [4, 9, 9, 2, 3, 5, 6, 7, 1, 2, 3]
     assert index.draft([*tokens, 42], 3) == ([], 0)  # "3 42" never occurred
+    # Two equally long matches: the latest wins.
+    equal = [7, 8, 1, 9, 8, 1, 5, 8, 1]
+    index = SuffixIndex(2)
+    index.extend(equal)
+    assert index.draft(equal, 1) == ([5], 2)
 
 
-def test_ngram_index_grown_step_by_step_equals_built_at_once() -> None:
+def test_a_match_is_measured_up_to_match_max_and_a_loop_is_drafted_round_and_round() -> None:
+    period = list(range(100, 140))  # longer than MATCH_MAX
+    tokens = period * 2 + period[:5]
+    index = SuffixIndex(2)
+    index.extend(tokens)
+    assert index.draft(tokens, 4) == (period[5:9], MATCH_MAX)
+    loop = [5, 6, 7, 5, 6, 7, 5, 6]
+    index = SuffixIndex(2)
+    index.extend(loop)
+    assert index.draft(loop, 7) == ([7, 5, 6, 7, 5, 6, 7], 5)  # past the end of the list, the loop goes on
+
+
+def test_one_token_matches_only_from_ngram_min_1() -> None:
+    tokens = [4, 5, 6, 9, 5]
+    strict, loose = SuffixIndex(2), SuffixIndex(1)
+    strict.extend(tokens)
+    loose.extend(tokens)
+    assert strict.draft(tokens, 2) == ([], 0)
+    assert loose.draft(tokens, 2) == ([6, 9], 1)
+    longer = SuffixIndex(3)  # --ngram-min 3: a two-token match is not enough
+    longer.extend([1, 2, 3, 1, 2])
+    assert longer.draft([1, 2, 3, 1, 2], 2) == ([], 0)
+
+
+def test_prompt_lookup_grown_step_by_step_equals_built_at_once() -> None:
     tokens = [5, 6, 7, 5, 6, 8, 5, 6, 7, 9, 5, 6, 7]
-    grown = NgramIndex(2, 3)
+    grown = SuffixIndex(2)
     for n in range(1, len(tokens) + 1):
         grown.extend(tokens[:n])
-    whole = NgramIndex(2, 3)
+    whole = SuffixIndex(2)
     whole.extend(tokens)
     assert grown.draft(tokens, 4) == whole.draft(tokens, 4) == ([9, 5, 6, 7], 3)
 
 
 # -- how many tokens to draft ------------------------------------------------------------------------------
+
+def geometric(alpha: float, longest: int = 16) -> list[float]:
+    """A draft's chances when each token is kept with chance α: α, α², …"""
+    return [alpha ** j for j in range(1, longest + 1)]
+
 
 def decoding_request(rid: str, tokens: list[int], max_tokens: int = 100) -> Request:
     request = Request(rid, tokens[:-1], SamplingParams(temperature=0), max_tokens)
@@ -103,10 +144,12 @@ def test_a_lone_confident_stream_drafts_long_a_crowded_batch_hardly_and_a_doubtf
     confident(speculator, lone)
     alone = speculator.propose([lone], 1, 100)["lone"]
     assert 8 <= len(alone) <= 16 and alone == (cycle * 2)[:len(alone)]
-    # Drafts that keep failing: acceptance falls and the request stops drafting.
-    for _ in range(6):
+    # Drafts that keep failing: acceptance falls, drafts shrink, and the request stops drafting.
+    lengths = []
+    for _ in range(16):
         speculator.record("lone", 2, 0)
-    assert speculator.propose([lone], 1, 100) == {}
+        lengths.append(len(speculator.propose([lone], 1, 100).get("lone", [])))
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > 1 and lengths[-1] == 0
 
     # 16 streams decoding: each token must be nearly sure to pay for itself, so drafts are shorter.
     crowd = [decoding_request(f"r{i}", [1000 * i + t for t in cycle] * 3) for i in range(16)]
@@ -118,7 +161,27 @@ def test_a_lone_confident_stream_drafts_long_a_crowded_batch_hardly_and_a_doubtf
 
 
 
-def test_after_a_rejection_a_request_pauses_then_tries_again_later_and_later() -> None:
+def test_a_longer_match_is_trusted_further_and_the_server_learns_what_its_requests_keep() -> None:
+    assert [bucket_of(m) for m in (1, 2, 3, 4, 5, 6, 9, 10, MATCH_MAX)] == [0, 1, 2, 3, 4, 4, 5, 6, 8]
+    speculator = Speculator(SpeculationConfig(mode="ngram", draft_max=16))
+    text = list(range(100, 140))
+    # The same last two tokens; one request matched 2 tokens back, the other the whole text.
+    short = decoding_request("short", [*text, 7, *text[10:12]])
+    long = decoding_request("long", [*text, *text[:12]])
+    drafts = speculator.propose([short], 1, 100), speculator.propose([long], 1, 100)
+    assert 0 <= len(drafts[0].get("short", [])) < len(drafts[1]["long"])
+    # A server whose requests' long matches were kept lets a new request draft longer from its first step.
+    before = len(speculator.propose([decoding_request("new", [*text, *text[:12]])], 1, 100)["new"])
+    for i in range(8):
+        request = decoding_request(f"seen{i}", [*text, *text[:12]])
+        speculator.propose([request], 1, 100)
+        speculator.record(request.request_id, 16, 16)
+        speculator.forget(request.request_id)
+    after = len(speculator.propose([decoding_request("next", [*text, *text[:12]])], 1, 100)["next"])
+    assert before < after
+
+
+def test_after_rejections_a_request_pauses_then_tries_again_later_and_later() -> None:
     speculator = Speculator(SpeculationConfig(mode="ngram"))
     request = decoding_request("r", list(range(10, 30)) * 3)
 
@@ -128,12 +191,13 @@ def test_after_a_rejection_a_request_pauses_then_tries_again_later_and_later() -
                 return step
         return 100
 
-    assert steps_until_it_drafts() == 1  # the prior: worth a 1-token try
-    speculator.record("r", 1, 0)
-    first_pause = steps_until_it_drafts()
-    speculator.record("r", 1, 0)
-    second_pause = steps_until_it_drafts()
-    assert 5 < first_pause < second_pause < 100
+    assert steps_until_it_drafts() == 1  # the prior: a 32-token match is worth a try
+    pauses = []
+    for _ in range(3):
+        speculator.record("r", 1, 0)
+        pauses.append(steps_until_it_drafts())
+    # One rejection after a long match is not enough to stop; the next ones are, for longer each time.
+    assert pauses[0] == 1 and 5 < pauses[1] < pauses[2] < 100
 
 
 def test_no_drafts_in_a_step_full_of_prompt_nor_past_max_tokens_nor_when_the_request_opts_out() -> None:
@@ -267,7 +331,7 @@ def lone_stream_best_length(alpha: float, draft_cost: float, longest: int) -> in
 def test_a_lone_streams_draft_length_is_the_one_that_pays_best_given_the_drafts_cost(
         alpha: float, draft_cost: float) -> None:
     speculator = Speculator(SpeculationConfig(mode="draft", draft_max=16, draft_cost=draft_cost))
-    chosen = speculator.choose_lengths([("r", 16, alpha)], 1, 100).get("r", 0)
+    chosen = speculator.choose_lengths([("r", geometric(alpha))], 1, 100).get("r", 0)
     assert chosen == lone_stream_best_length(alpha, draft_cost, 16)
 
 
@@ -293,11 +357,11 @@ def test_a_draft_position_is_opened_when_the_requests_drafting_there_pay_for_it_
     # (p = 0.9 < U·Δ / D = 2 · (1 + 0.3 · 2.75) / 3.75 ≈ 0.97), but both streams sharing that pass do.
     speculator = Speculator(SpeculationConfig(mode="draft", draft_cost=0.3))
     assert 0.9 < 2 * (1 + 0.3 * 2.75) / 3.75
-    assert speculator.choose_lengths([("a", 16, 0.9), ("b", 16, 0.9)], 2, 100) == {"a": 1, "b": 1}
+    assert speculator.choose_lengths([("a", geometric(0.9)), ("b", geometric(0.9))], 2, 100) == {"a": 1, "b": 1}
     # A doubtful companion is left out, and then the confident stream's pass no longer pays either.
-    assert speculator.choose_lengths([("a", 16, 0.9), ("b", 16, 0.6)], 2, 100) == {}
+    assert speculator.choose_lengths([("a", geometric(0.9)), ("b", geometric(0.6))], 2, 100) == {}
     # Alone, with only its own decode in the step, the same stream drafts 2.
-    assert speculator.choose_lengths([("a", 16, 0.9)], 1, 100) == {"a": 2}
+    assert speculator.choose_lengths([("a", geometric(0.9))], 1, 100) == {"a": 2}
 
 
 def test_draft_min_forces_the_length_even_where_it_does_not_pay_within_max_tokens_and_the_budget() -> None:

@@ -46,34 +46,40 @@ from dataclasses import dataclass, field
 from qanat.engine.core.request import Request, RequestState
 
 SPECULATIVE_MODES = ("off", "ngram", "draft")
-NGRAM_MAX = 5  # prompt lookup tries n-grams from this long down to --ngram-min
+MATCH_MAX = 32  # prompt lookup measures a match back to this many tokens
+CANDIDATES = 8  # the latest occurrences of the last two tokens whose match is measured
 
-# F: a decode step's fixed cost in units of one more token's cost, measured on this project's CPU with the
-# embedded model (bench/verify_cost.py: a pass of n ≤ 8 tokens ≈ 11 + 7.3·n ms, the second token only 5 ms;
-# plus ≈ 1.5 ms of the engine's own per-step work): ≈ 1.75. Larger F (accelerators, bigger models) makes drafting
-# pay sooner.
+# F: a decode step's fixed cost in units of one more token's cost. The executor measures it at load (a one-token
+# pass against an eight-token pass); this is the fallback, measured on this project's CPU with the embedded
+# model (bench/verify_cost.py). Larger F (accelerators, bigger models) makes drafting pay sooner.
 STEP_FIXED_COST_TOKENS = 1.75
 
-# Acceptance estimate, per request and per length of the n-gram that matched (a 5-token match predicts better
-# than a 2-token one): counts that start as a prior worth PRIOR_TRIALS drafted positions at PRIOR_ACCEPTANCE and
-# fade by DECAY per newly verified position, so a request that stops repeating its context stops drafting within
-# a step or two, and one that keeps repeating it soon drafts long. In a step where a draft was found but not
-# worth sending, the counts drift back toward the prior by IDLE_DECAY, so the request tries again now and then:
-# after one rejection ≈15 steps later, after two ≈27 (a retry costs a quarter to a third of a step).
-PRIOR_ACCEPTANCE = 0.5
-PRIOR_TRIALS = 2.0
-DECAY = 0.8
-IDLE_DECAY = 0.95
-# No draft is ever certain: capping the estimate keeps a long run of hits from drafting into a prompt-filled step.
+# How likely a drafted token is kept depends most on how long the match behind it is: a continuation that has
+# followed the source for 20 tokens will likely follow it for one more; one that matched on two tokens is a
+# guess. So acceptance is kept per match-length bucket, as the chance that a token is kept given that the draft
+# tokens before it were: the j-th token of a draft whose match was m tokens long rides on a match of m + j − 1.
+# Each bucket starts from a prior (m / (m + 1.5): 0.4 for one token, 0.84 for eight), learns server-wide (the
+# workload's own rates, fading slowly) and per request (fading by DECAY per verified position, so a request that
+# stops copying its context stops drafting within a step or two). In a step where a draft was found but not worth
+# sending, the request's counts fade by IDLE_DECAY toward the server's rates, so it tries again now and then.
+BUCKET_EDGES = (1, 2, 3, 4, 6, 9, 14, 22, MATCH_MAX + 1)  # bucket i holds match lengths up to BUCKET_EDGES[i]
+PRIOR_TRIALS = 2.0  # what the prior (and the server's rate, in a request's estimate) weighs, in verified tokens
+SERVER_DECAY = 0.998  # per verified position, server-wide
+DECAY = 0.8  # per verified position, per request
+IDLE_DECAY = 0.9
+# No draft is ever certain: capping each token's chance keeps a long run of hits from drafting into a full step.
 MAX_ACCEPTANCE = 0.99
+
+
+def bucket_of(match: int) -> int:
+    return next(i for i, edge in enumerate(BUCKET_EDGES) if match <= edge)
 
 
 @dataclass(frozen=True)
 class SpeculationConfig:
     mode: str = "off"  # off | ngram | draft
     draft_max: int = 16  # most drafted tokens per request and step
-    ngram_min: int = 2  # shortest n-gram that may be looked up
-    ngram_max: int = NGRAM_MAX  # longest n-gram tried first
+    ngram_min: int = 2  # shortest match prompt lookup may continue
     step_fixed_cost_tokens: float = STEP_FIXED_COST_TOKENS
     # A draft model's pass over the target's pass of as many tokens (r above); 0 for n-grams, which cost nothing.
     draft_cost: float = 0.0
@@ -92,57 +98,83 @@ class SpeculationConfig:
         return self.mode == "draft"
 
 
-class NgramIndex:
-    """Where each n-gram of a growing token list last occurred with at least one token after it.
+class SuffixIndex:
+    """Prompt lookup over a growing token list: the earlier occurrence that matches the longest suffix of the list
+    (up to MATCH_MAX tokens, among the CANDIDATES latest occurrences of its last two tokens, or the latest
+    occurrence of its last token alone when `min_match` is 1), and what followed it.
 
-    Incremental: each new token adds one n-gram per length, so a lookup costs O(ngram_max) per step."""
+    Incremental: each new token adds one pair and one token to the index, so a lookup costs O(CANDIDATES) short
+    comparisons per step."""
 
-    def __init__(self, n_min: int, n_max: int) -> None:
-        self.n_min = n_min
-        self.n_max = n_max
-        self._last_start: dict[tuple[int, ...], int] = {}  # n-gram -> start of its latest followed occurrence
-        self._indexed = dict.fromkeys(range(n_min, n_max + 1), 0)  # per n: starts below this are indexed
+    def __init__(self, min_match: int) -> None:
+        self.min_match = min_match
+        self._pairs: dict[tuple[int, int], list[int]] = {}  # (t[i-1], t[i]) -> every i, ascending
+        self._latest: dict[int, int] = {}  # t[i] -> latest i
+        self._indexed = 0  # positions below this are indexed; only those followed by a token are
 
     def extend(self, tokens: list[int]) -> None:
         """Index what `tokens` (the whole list so far; it only grows) added since the last call."""
-        for n, indexed in list(self._indexed.items()):
-            # The n-gram starting at s is followed by a token once s + n < len(tokens).
-            for start in range(indexed, len(tokens) - n):
-                self._last_start[tuple(tokens[start:start + n])] = start
-            self._indexed[n] = max(indexed, len(tokens) - n)
+        for i in range(self._indexed, len(tokens) - 1):
+            self._latest[tokens[i]] = i
+            if i:
+                self._pairs.setdefault((tokens[i - 1], tokens[i]), []).append(i)
+        self._indexed = max(self._indexed, len(tokens) - 1)
 
     def draft(self, tokens: list[int], k: int) -> tuple[list[int], int]:
-        """Up to k tokens that followed the longest n-gram ending `tokens` where it occurred before, and n."""
-        for n in range(min(self.n_max, len(tokens) - 1), self.n_min - 1, -1):
-            start = self._last_start.get(tuple(tokens[-n:]))
-            if start is not None:
-                return tokens[start + n:start + n + k], n
-        return [], 0
+        """Up to k tokens that followed the best earlier match of the end of `tokens`, and that match's length."""
+        end = len(tokens) - 1
+        best, match = -1, 0
+        if end >= 1:
+            for i in reversed(self._pairs.get((tokens[end - 1], tokens[end]), [])[-CANDIDATES:]):
+                m = 2
+                while m < MATCH_MAX and m <= i and tokens[i - m] == tokens[end - m]:
+                    m += 1
+                if m > match:
+                    best, match = i, m
+        if best < 0 and self.min_match == 1 and end >= 0 and (i := self._latest.get(tokens[end], -1)) >= 0:
+            best, match = i, 1
+        if best < 0 or match < self.min_match:
+            return [], 0
+        # What followed the match, and where that runs into the end of the list (a loop: the text repeats with
+        # period end - best), what follows it in turn.
+        period = end - best
+        return [tokens[best + 1 + j % period] for j in range(k)], match
+
+
+@dataclass
+class _Counts:
+    """Decayed counts of drafted tokens kept and verified, per match-length bucket."""
+
+    kept: list[float] = field(default_factory=lambda: [0.0] * len(BUCKET_EDGES))
+    trials: list[float] = field(default_factory=lambda: [0.0] * len(BUCKET_EDGES))
+
+    def fade(self, factor: float) -> None:
+        self.kept = [k * factor for k in self.kept]
+        self.trials = [t * factor for t in self.trials]
+
+    def learn(self, match: int, drafted: int, accepted: int, decay: float) -> None:
+        verified = min(accepted + 1, drafted)  # the kept tokens, then the first rejected one
+        self.fade(decay ** verified)
+        for j in range(verified):
+            b = bucket_of(min(match + j, MATCH_MAX)) if match else 0  # 0: a draft model's, one rate
+            self.kept[b] += j < accepted
+            self.trials[b] += 1
+
+
+def _prior(bucket: int) -> float:
+    """A copy that has held for m tokens breaks at the next with a chance of about 1 / (m + ½) (measured on the
+    embedded model's answers to rewriting, extraction and code prompts: 0.32 kept after a one-token match, 0.75–0.8
+    after 4–9, 0.97 after 23 or more); m is the bucket's middle."""
+    low = BUCKET_EDGES[bucket - 1] + 1 if bucket else 1
+    match = (low + BUCKET_EDGES[bucket]) / 2
+    return (match - 0.5) / (match + 0.5)
 
 
 @dataclass
 class _RequestState:
-    index: NgramIndex
-    # Per matched n-gram length: decayed counts of drafted positions kept, and verified (the first rejected counts).
-    accepted: dict[int, float] = field(default_factory=dict)
-    trials: dict[int, float] = field(default_factory=dict)
-    last_match: int = 0  # n-gram length behind the draft now being verified
-
-    def acceptance(self, match: int) -> float:
-        kept = self.accepted.get(match, PRIOR_ACCEPTANCE * PRIOR_TRIALS)
-        return min(kept / self.trials.get(match, PRIOR_TRIALS), MAX_ACCEPTANCE)
-
-    def learn(self, match: int, drafted: int, accepted: int) -> None:
-        decay = DECAY ** max(1, drafted)
-        self.accepted[match] = self.accepted.get(match, PRIOR_ACCEPTANCE * PRIOR_TRIALS) * decay + accepted
-        self.trials[match] = (self.trials.get(match, PRIOR_TRIALS) * decay + accepted
-                              + (1 if accepted < drafted else 0))
-
-    def fade(self, match: int) -> None:
-        if match in self.trials:
-            self.accepted[match] = (self.accepted[match] * IDLE_DECAY
-                                    + PRIOR_ACCEPTANCE * PRIOR_TRIALS * (1 - IDLE_DECAY))
-            self.trials[match] = self.trials[match] * IDLE_DECAY + PRIOR_TRIALS * (1 - IDLE_DECAY)
+    index: SuffixIndex
+    counts: _Counts = field(default_factory=_Counts)
+    last_match: int = 0  # match length behind the draft now being verified
 
 
 @dataclass
@@ -154,20 +186,22 @@ class SpeculationStats:
 
 @dataclass
 class Speculator:
-    """Proposes drafts for decoding requests and learns each one's acceptance. Engine thread only."""
+    """Proposes drafts for decoding requests and learns what is kept, per request and server-wide. Engine thread
+    only."""
 
     config: SpeculationConfig
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     _states: dict[str, _RequestState] = field(default_factory=dict)
+    _server: _Counts = field(default_factory=_Counts)
 
     def can_draft(self, request: Request) -> bool:
         return (self.config.enabled and request.params.speculative and request.state is RequestState.DECODING
                 and not request.is_replaying and request.max_tokens - len(request.output_ids) > 1)
 
     def propose(self, decoding: list[Request], batch_tokens: int, budget: int) -> dict[str, list[int]]:
-        """N-gram drafts worth verifying in a step that already carries `batch_tokens` tokens, at most `budget`
-        in all. `decoding`: the requests that get one decode token in this step."""
-        candidates: list[tuple[str, int, float]] = []
+        """Prompt-lookup drafts worth verifying in a step that already carries `batch_tokens` tokens, at most
+        `budget` in all. `decoding`: the requests that get one decode token in this step."""
+        candidates: list[tuple[str, list[float]]] = []
         drafts: dict[str, list[int]] = {}
         matches: dict[str, tuple[_RequestState, int]] = {}
         for request in decoding:
@@ -178,7 +212,7 @@ class Speculator:
             state.index.extend(tokens)
             draft, match = state.index.draft(tokens, self._room(request))
             if draft:
-                candidates.append((request.request_id, len(draft), state.acceptance(match)))
+                candidates.append((request.request_id, self._chances(state, match, len(draft))))
                 drafts[request.request_id] = draft
                 matches[request.request_id] = (state, match)
         chosen = self.choose_lengths(candidates, batch_tokens, budget)
@@ -186,26 +220,29 @@ class Speculator:
             if request_id in chosen:
                 state.last_match = match
             else:
-                state.fade(match)
+                state.counts.fade(IDLE_DECAY)
         return {request_id: drafts[request_id][:length] for request_id, length in chosen.items()}
 
     def propose_lengths(self, decoding: list[Request], batch_tokens: int, budget: int) -> dict[str, int]:
-        """How many tokens the executor's draft model should draft for each request (those worth it only)."""
+        """How many tokens the executor's draft model should draft for each request (those worth it only). A draft
+        model's guesses have no match length: each request's acceptance is one rate (bucket 0)."""
         candidates = []
         for request in decoding:
             if self.can_draft(request) and (room := self._room(request)) > 0:
-                candidates.append((request.request_id, room, self._state(request.request_id).acceptance(0)))
+                alpha = self._rate(self._state(request.request_id).counts, 0)
+                candidates.append((request.request_id, [alpha ** j for j in range(1, room + 1)]))
         chosen = self.choose_lengths(candidates, batch_tokens, budget)
-        for request_id, _, _ in candidates:
+        for request_id, _ in candidates:
             if request_id not in chosen:
-                self._state(request_id).fade(0)
+                self._state(request_id).counts.fade(IDLE_DECAY)
         return chosen
 
-    def choose_lengths(self, candidates: list[tuple[str, int, float]], batch_tokens: int, budget: int
+    def choose_lengths(self, candidates: list[tuple[str, list[float]]], batch_tokens: int, budget: int
                        ) -> dict[str, int]:
-        """Draft lengths for (request id, longest possible draft, per-token acceptance α) candidates: the
-        `draft_min` floor first, then token after token, the likeliest kept first, while each pays (see the
-        module's docstring). At most `budget` tokens in all."""
+        """Draft lengths for (request id, chances) candidates, chances[j] being the chance that the draft's first
+        j + 1 tokens are all kept (falling with j; as many as the longest possible draft): the `draft_min` floor
+        first, then token after token, the likeliest kept first, while each pays (see the module's docstring).
+        At most `budget` tokens in all."""
         if not candidates or budget <= 0:
             return {}
         fixed, ratio = self.config.step_fixed_cost_tokens, self.config.draft_cost
@@ -213,26 +250,26 @@ class Speculator:
         depth_tokens: list[int] = []  # m_j: tokens in the draft model's pass for draft position j (from 0)
         useful, cost = float(batch_tokens), fixed + batch_tokens  # U, D
 
-        def add(i: int, length: int, p: float) -> None:  # the length-th draft token (from 1) of candidate i
+        def add(i: int, length: int) -> None:  # the length-th draft token (from 1) of candidate i
             nonlocal useful, cost, budget
-            request_id = candidates[i][0]
+            request_id, chances = candidates[i]
             chosen[request_id] = length
             if len(depth_tokens) < length:
                 depth_tokens.append(0)
                 cost += ratio * fixed
             depth_tokens[length - 1] += 1
-            useful += p
+            useful += chances[length - 1]
             cost += 1 + ratio
             budget -= 1
 
         heap: list[tuple[float, int, int]] = []  # (-p, candidate, draft length), for each candidate's next token
-        for i, (_, longest, alpha) in enumerate(candidates):
+        for i, (_, chances) in enumerate(candidates):
             length = 0
-            while length < min(self.config.draft_min, longest) and budget > 0:
+            while length < min(self.config.draft_min, len(chances)) and budget > 0:
                 length += 1
-                add(i, length, alpha ** length)
-            if length < longest:
-                heap.append((-(alpha ** (length + 1)), i, length + 1))
+                add(i, length)
+            if length < len(chances):
+                heap.append((-chances[length], i, length + 1))
         heapq.heapify(heap)
         while heap and budget > 0:
             neg_p, i, length = heapq.heappop(heap)
@@ -256,11 +293,11 @@ class Speculator:
                 heapq.heapify(heap)
             elif -neg_p * cost <= useful * (1 + ratio):  # the best remaining token no longer pays for itself
                 break
-            for p, j in group:
-                add(j, length, p)
-                _, longest, alpha = candidates[j]
-                if length < longest:
-                    heapq.heappush(heap, (-p * alpha, j, length + 1))
+            for _, j in group:
+                add(j, length)
+                chances = candidates[j][1]
+                if length < len(chances):
+                    heapq.heappush(heap, (-chances[length], j, length + 1))
         return chosen
 
     def record(self, request_id: str, drafted: int, accepted: int) -> None:
@@ -269,7 +306,24 @@ class Speculator:
         self.stats.draft_tokens += drafted
         self.stats.accepted_tokens += accepted
         state = self._state(request_id)
-        state.learn(state.last_match, drafted, accepted)
+        state.counts.learn(state.last_match, drafted, accepted, DECAY)
+        self._server.learn(state.last_match, drafted, accepted, SERVER_DECAY)
+
+    def _chances(self, state: _RequestState, match: int, length: int) -> list[float]:
+        """The chance that the first j + 1 tokens of a `length`-token draft after a `match`-token match are kept."""
+        chances, p = [], 1.0
+        for j in range(length):
+            p *= self._rate(state.counts, bucket_of(min(match + j, MATCH_MAX)))
+            chances.append(p)
+        return chances
+
+    def _rate(self, counts: _Counts, bucket: int) -> float:
+        """A token's chance of being kept, the draft's earlier tokens having been: the request's counts over the
+        server's rate, which starts from the prior."""
+        server = ((self._server.kept[bucket] + PRIOR_TRIALS * _prior(bucket))
+                  / (self._server.trials[bucket] + PRIOR_TRIALS))
+        rate = (counts.kept[bucket] + PRIOR_TRIALS * server) / (counts.trials[bucket] + PRIOR_TRIALS)
+        return min(rate, MAX_ACCEPTANCE)
 
     def _room(self, request: Request) -> int:
         """The longest draft: within --draft-max, and every verified token within max_tokens (1 + k tokens can
@@ -282,5 +336,5 @@ class Speculator:
     def _state(self, request_id: str) -> _RequestState:
         state = self._states.get(request_id)
         if state is None:
-            state = self._states[request_id] = _RequestState(NgramIndex(self.config.ngram_min, self.config.ngram_max))
+            state = self._states[request_id] = _RequestState(SuffixIndex(self.config.ngram_min))
         return state

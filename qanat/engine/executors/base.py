@@ -144,6 +144,9 @@ class ExecutorFacts:
     energy_source: str
     # A draft model's pass over the target's (a one-token decode each, timed at load); 0.0 when there is none.
     draft_cost: float = 0.0
+    # A pass's fixed cost in units of one more token's (F in speculation's cost rule), timed at load when
+    # speculation is on; None when not measured.
+    step_fixed_cost: float | None = None
 
 
 class Executor(Protocol):

@@ -16,7 +16,6 @@ batched together, one draft `llama_decode` per draft position.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import llama_cpp
 import numpy as np
 
 from qanat.engine.executors.base import CacheOp, ExecChunk
-from qanat.engine.executors.llamacpp import ContextSettings, LlamaModel, TokenBatch, new_context
+from qanat.engine.executors.llamacpp import ContextSettings, LlamaModel, TokenBatch, new_context, time_decode
 
 log = logging.getLogger("qanat.executor")
 
@@ -33,7 +32,6 @@ log = logging.getLogger("qanat.executor")
 # are compared from this id on (the first ids are special tokens some conversions name differently).
 VOCAB_MAX_SIZE_DIFFERENCE = 128
 VOCAB_CHECK_START_TOKEN_ID = 5
-COST_REPEATS = 5  # timed one-token decodes per model when measuring the draft's cost
 
 
 class DraftVocabError(ValueError):
@@ -80,24 +78,6 @@ def check_vocab_files(target_path: Path, draft_path: Path) -> None:
         draft.close()
 
 
-def time_one_token_decode(ctx: Any, token: int) -> float:
-    """Seconds of the fastest of COST_REPEATS one-token decodes (after one warm-up) in sequence 0, which is left
-    empty: what a draft pass costs against a target pass, at load, before any request."""
-    batch = TokenBatch(1)
-    memory = llama_cpp.llama_get_memory(ctx)
-    times = []
-    for _ in range(COST_REPEATS + 1):
-        batch.set([token], [0], [0])
-        batch.logits[0] = 1
-        start_s = time.perf_counter()
-        status = llama_cpp.llama_decode(ctx, batch.batch)
-        times.append(time.perf_counter() - start_s)
-        llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
-        if status != 0:
-            raise RuntimeError(f"llama_decode failed with status {status} while timing a model")
-    return min(times[1:])
-
-
 class DraftModel:
     """The draft model, its context and what its sequences hold. Executor thread only."""
 
@@ -132,8 +112,8 @@ class DraftModel:
         """A draft pass's time over a target pass's (one-token decodes, both contexts empty): r in the policy's
         cost rule. About the two models' weight bytes' ratio on a memory-bound chip; measured, since on a CPU
         whose cache holds a small model it is not."""
-        target_s = time_one_token_decode(target_ctx, self.probe_token)
-        draft_s = time_one_token_decode(self.ctx, self.probe_token)
+        target_s = time_decode(target_ctx, [self.probe_token])
+        draft_s = time_decode(self.ctx, [self.probe_token])
         log.info("draft model %s: a one-token decode takes %.2f ms, the target's %.2f ms", self.model.path,
                  draft_s * 1e3, target_s * 1e3)
         return draft_s / target_s

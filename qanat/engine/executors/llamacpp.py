@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 llama_logger.logger.setLevel(logging.ERROR)  # llama.cpp's load-time chatter, unless it is an error
 
+log = logging.getLogger("qanat.executor")
 _backend_ready = False
 
 FLASH_ATTN = {
@@ -294,6 +295,42 @@ def new_context(model: LlamaModel, settings: ContextSettings) -> Any:
     return ctx
 
 
+TIMED_REPEATS = 5  # timed passes of each size when measuring costs at load (the fastest counts)
+COST_PROBE_TOKENS = 8  # the larger pass of the step-cost measurement
+
+
+def time_decode(ctx: Any, tokens: list[int]) -> float:
+    """Seconds of the fastest of TIMED_REPEATS passes of `tokens` (logits at every one; after one warm-up) in
+    sequence 0, which is left empty. At load, before any request."""
+    batch = TokenBatch(len(tokens))
+    memory = llama_cpp.llama_get_memory(ctx)
+    times = []
+    for _ in range(TIMED_REPEATS + 1):
+        batch.set(tokens, list(range(len(tokens))), [0] * len(tokens))
+        for i in range(len(tokens)):
+            batch.logits[i] = 1
+        start_s = time.perf_counter()
+        status = llama_cpp.llama_decode(ctx, batch.batch)
+        times.append(time.perf_counter() - start_s)
+        llama_cpp.llama_memory_seq_rm(memory, 0, 0, -1)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} while timing a model")
+    return min(times[1:])
+
+
+def measure_step_fixed_cost(ctx: Any, token: int) -> float:
+    """F in speculation's cost rule: a pass of n tokens costs about a + b·n; F = a / b, from a one-token pass and
+    a COST_PROBE_TOKENS-token pass. A memory-bound chip reads every weight once per pass whatever n (F of tens); a
+    CPU whose cache holds a small model computes each token anew (F near 1)."""
+    token = max(token, 0)
+    one = time_decode(ctx, [token])
+    many = time_decode(ctx, [token] * COST_PROBE_TOKENS)
+    per_token = max((many - one) / (COST_PROBE_TOKENS - 1), 1e-9)
+    fixed = min(max((one - per_token) / per_token, 0.1), 100.0)
+    log.info("a pass of n tokens takes %.2f + %.2f·n ms: F = %.2f", (one - per_token) * 1e3, per_token * 1e3, fixed)
+    return fixed
+
+
 @dataclass(frozen=True)
 class LlamaCppSpec:
     """Everything a process needs to build the executor; picklable."""
@@ -304,6 +341,7 @@ class LlamaCppSpec:
     cpu_tdp_w: float | None = None
     tiers: TierSettings = field(default_factory=TierSettings)  # the prompt cache beyond the slots
     draft_model_path: Path | None = None  # --speculative draft: a second model drafting for this one
+    measure_step_cost: bool = False  # speculation: time a pass's fixed cost against its per-token cost at load
 
     def create(self) -> LlamaCppExecutor:
         return LlamaCppExecutor(self)
@@ -331,6 +369,8 @@ class LlamaCppExecutor:
         self.restarts = 0
         self.tiers = KVTiers(_LlamaSequences(self.ctx, self.memory), spec.tiers,
                              _state_identity(spec.model_path, settings, self.context_length))
+        if spec.measure_step_cost:
+            self.facts = replace(self.facts, step_fixed_cost=measure_step_fixed_cost(self.ctx, model.bos_id))
         self.drafter: DraftModel | None = None
         if spec.draft_model_path is not None:
             from qanat.engine.executors.draft_model import DraftModel  # it imports this module

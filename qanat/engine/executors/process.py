@@ -115,8 +115,8 @@ class ProcessExecutor:
         self._kill()
         self.restarts += 1
         facts = self._start()
-        # The draft model's cost is timed afresh at each start: only a change in what was allocated is news.
-        if replace(facts, draft_cost=self.facts.draft_cost) != self.facts:
+        # Costs are timed afresh at each start: only a change in what was allocated is news.
+        if replace(facts, draft_cost=self.facts.draft_cost, step_fixed_cost=self.facts.step_fixed_cost) != self.facts:
             log.warning("the restarted executor reports %s, was %s", facts, self.facts)
 
     def close(self) -> None:
