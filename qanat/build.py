@@ -111,6 +111,7 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
                  facts.draft_cost)
     if config.speculative != "off":
         fixed = facts.step_fixed_cost if facts.step_fixed_cost is not None else STEP_FIXED_COST_TOKENS
+        log.info("speculation: a pass's fixed cost is %.2f times one more token's (timed at load)", fixed)
         speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min, fixed,
                                                   draft_cost=facts.draft_cost, draft_min=config.draft_min))
     scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic,

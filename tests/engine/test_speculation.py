@@ -19,6 +19,7 @@ from qanat.engine.core.speculation import (
     STEP_FIXED_COST_TOKENS,
     SpeculationConfig,
     Speculator,
+    StepCostFit,
     SuffixIndex,
     bucket_of,
 )
@@ -310,6 +311,36 @@ def test_a_request_can_opt_out() -> None:
         assert executor(on).drafted_tokens > before
     finally:
         on.shutdown()
+
+
+def test_the_step_cost_fit_finds_f_from_steps_of_several_sizes_and_keeps_its_start_without_them() -> None:
+    fit = StepCostFit(1.75)
+    for _ in range(50):
+        fit.observe(1, 0.020)  # one size only: a and b cannot be told apart
+    assert fit.fixed_cost_tokens == 1.75
+    for i in range(300):  # 12 ms + 8 ms per token, ±5 % noise: F = 1.5
+        n = 1 + i % 9
+        fit.observe(n, (0.012 + 0.008 * n) * (1 + 0.05 * ((i * 7919) % 11 - 5) / 5))
+    assert fit.fixed_cost_tokens == pytest.approx(1.5, rel=0.1)
+    for i in range(600):  # the machine changes: now a memory-bound step, 20 ms + 0.5 ms per token
+        fit.observe(1 + i % 9, 0.020 + 0.0005 * (1 + i % 9))
+    assert fit.fixed_cost_tokens == pytest.approx(40, rel=0.1)
+
+
+def test_an_engine_learns_f_from_its_decode_steps() -> None:
+    engine = engine_with("ngram")
+    try:
+        speculator = engine.core.scheduler.speculator
+        assert speculator is not None
+        observed: list[tuple[int, float]] = []
+        real_observe = speculator.step_cost.observe
+        speculator.step_cost.observe = lambda n, s: (observed.append((n, s)), real_observe(n, s))  # type: ignore[method-assign]
+        prompt = repetitive_prompt(engine, "learn the cost of a step")
+        run(collect(engine, prompt, SamplingParams(temperature=0, max_tokens=40)))
+        assert observed and all(s > 0 for _, s in observed)
+        assert max(n for n, _ in observed) > 1  # steps that verified drafts are observed too
+    finally:
+        engine.shutdown()
 
 
 # -- a draft model's cost ---------------------------------------------------------------------------------

@@ -153,6 +153,7 @@ class EngineCore:
 
     def step(self) -> None:
         self._apply_commands()
+        step_start_s = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return
@@ -185,6 +186,10 @@ class EngineCore:
         self._publish(outputs, texts, result.logprobs)
         if any(c.draft_ids or c.draft_len for c in plan.chunks):
             self._publish_verified(plan, result)
+        speculator = self.scheduler.speculator
+        if speculator is not None and not plan.cache_ops and all(
+                len(c.token_ids) == 1 and not c.draft_len for c in plan.chunks):  # decodes and n-gram drafts
+            speculator.step_cost.observe(plan.num_tokens, time.perf_counter() - step_start_s)
 
     def _publish_verified(self, plan: SchedulerPlan, result: StepResult) -> None:
         """Tokens kept from verified drafts, past each request's first: one round per position, as if each had

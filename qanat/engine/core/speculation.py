@@ -177,6 +177,32 @@ class _RequestState:
     last_match: int = 0  # match length behind the draft now being verified
 
 
+class StepCostFit:
+    """F, learnt from the engine's own decode steps: a decayed least-squares fit of a step's time to a + b·n over
+    steps of n tokens, so that F = a / b follows what a step really costs here — the engine's own per-step work,
+    the contexts' length, other load on the machine — starting from the executor's measurement at load. Speculation
+    itself supplies the spread of n that the fit needs; until there is enough, F stays where it was."""
+
+    DECAY = 0.99  # per observed step: about the last hundred steps count
+    MIN_SPREAD = 1.0  # variance of n (tokens²) below which a and b cannot be told apart
+
+    def __init__(self, fixed_cost_tokens: float) -> None:
+        self.fixed_cost_tokens = fixed_cost_tokens
+        self._sums = [0.0] * 5  # Σw, Σw·n, Σw·n², Σw·t, Σw·n·t
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        w, wn, wnn, wt, wnt = (x * self.DECAY for x in self._sums)
+        self._sums = [w + 1, wn + tokens, wnn + tokens * tokens, wt + seconds, wnt + tokens * seconds]
+        w, wn, wnn, wt, wnt = self._sums
+        spread = wnn / w - (wn / w) ** 2
+        if spread < self.MIN_SPREAD:
+            return
+        per_token = (wnt / w - wn / w * wt / w) / spread
+        fixed = wt / w - per_token * wn / w
+        if per_token > 0 and fixed > 0:
+            self.fixed_cost_tokens = min(fixed / per_token, 100.0)
+
+
 @dataclass
 class SpeculationStats:
     drafts: int = 0  # verifications that carried at least one draft token
@@ -193,6 +219,10 @@ class Speculator:
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     _states: dict[str, _RequestState] = field(default_factory=dict)
     _server: _Counts = field(default_factory=_Counts)
+    step_cost: StepCostFit = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.step_cost = StepCostFit(self.config.step_fixed_cost_tokens)
 
     def can_draft(self, request: Request) -> bool:
         return (self.config.enabled and request.params.speculative and request.state is RequestState.DECODING
@@ -245,7 +275,7 @@ class Speculator:
         At most `budget` tokens in all."""
         if not candidates or budget <= 0:
             return {}
-        fixed, ratio = self.config.step_fixed_cost_tokens, self.config.draft_cost
+        fixed, ratio = self.step_cost.fixed_cost_tokens, self.config.draft_cost
         chosen: dict[str, int] = {}
         depth_tokens: list[int] = []  # m_j: tokens in the draft model's pass for draft position j (from 0)
         useful, cost = float(batch_tokens), fixed + batch_tokens  # U, D
