@@ -250,6 +250,15 @@ def test_logprobs_are_log_probabilities(engine: Engine) -> None:
         assert lp.chosen.bytes == engine.tokenizer.token_bytes(lp.chosen.token_id)
 
 
+def test_plain_greedy_picks_off_the_logits_what_the_sampler_chain_picks(engine: Engine) -> None:
+    # Plain greedy takes the logits' argmax; asking for logprobs runs llama.cpp's sampler chain instead.
+    for prompt in PROMPTS[:4]:
+        ids = chat_ids(engine, prompt)
+        plain = tokens_of(run(collect(engine, ids, GREEDY)))
+        chained = tokens_of(run(collect(engine, ids, SamplingParams(temperature=0, max_tokens=48, logprobs=1))))
+        assert plain == chained
+
+
 def test_cancel_frees_capacity_for_a_queued_request() -> None:
     small = build_llamacpp_engine(EngineConfig(ctx=512, parallel=1, threads=2, max_waiting=1))
     try:
