@@ -6,6 +6,9 @@ and with each of its n-gram `--spec-type`s, on the same prompts in the same run.
     flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part concurrency
     flock /tmp/qanat-heavy.lock .venv/bin/python bench/speculative.py --part draft [--prompts spelling]
 
+`--baseline DIR` adds `--speculative ngram` as another checkout runs it (`git worktree add DIR <commit>`), to
+measure a change of policy against what it replaces, in the same run.
+
 - repetitive: three prompts whose answer repeats the prompt (spelling correction of a ≈300-token text, a record
   given as text extracted as JSON, a function edited and written out again); one stream, greedy, 192 tokens.
 - open: three open-ended prompts, one stream, greedy, 192 tokens; Qanat off vs ngram.
@@ -95,11 +98,23 @@ class Target:
     argv: list[str]
     port: int
     qanat: bool
+    root: Path = ROOT  # the checkout whose qanat runs
 
 
-def qanat(name: str, port: int, *extra: str) -> Target:
+def qanat(name: str, port: int, *extra: str, root: Path = ROOT) -> Target:
     return Target(name, [sys.executable, "-m", "qanat.cli", "serve", "--ctx", "1024",
-                         "--parallel", "16", "--no-webui", *extra], port, True)
+                         "--parallel", "16", "--no-webui", *extra], port, True, root)
+
+
+def baseline(checkout: str | None, port: int) -> list[Target]:
+    """`--baseline DIR`: the same ngram server from another checkout (e.g. `git worktree add /tmp/base main`),
+    to compare a change of policy with what it replaces in the same run."""
+    if checkout is None:
+        return []
+    root = Path(checkout).resolve()
+    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    return [qanat(f"qanat ngram @{commit}", port, "--speculative", "ngram", root=root)]
 
 
 def llama_server(name: str, port: int, *extra: str) -> Target:
@@ -110,7 +125,8 @@ def llama_server(name: str, port: int, *extra: str) -> Target:
 
 
 def start(target: Target) -> Server:
-    return Server(target.name, target.argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, port=target.port)
+    return Server(target.name, target.argv, env={**os.environ, "PYTHONPATH": str(target.root)}, cwd=target.root,
+                  port=target.port)
 
 
 @dataclass
@@ -242,8 +258,11 @@ def main() -> int:
     parser.add_argument("--llama-server-types", default="none,ngram-simple,ngram-mod,ngram-map-k,ngram-cache")
     parser.add_argument("--prompts", default=None, help="comma-separated names of the part's prompts to run")
     parser.add_argument("--draft-model", default="default", help="--part draft: the draft model")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="also run `--speculative ngram` from this checkout (repetitive, open, concurrency)")
     args = parser.parse_args()
     off, on = qanat("qanat off", 8301), qanat("qanat ngram", 8302, "--speculative", "ngram")
+    base = baseline(args.baseline, 8309)
     if args.part == "draft":
         draft = ("--speculative", "draft", "--draft-model", args.draft_model)
         prompts = {n: p for n, p in REPETITIVE.items() if args.prompts is None or n in args.prompts.split(",")}
@@ -253,11 +272,11 @@ def main() -> int:
     elif args.part == "repetitive":
         servers = [llama_server(f"llama-server {t}", 8310 + i, "--spec-type", t)
                    for i, t in enumerate(args.llama_server_types.split(","))]
-        single_stream([off, on, *servers], REPETITIVE, args.rounds, args.max_tokens or 192)
+        single_stream([off, on, *base, *servers], REPETITIVE, args.rounds, args.max_tokens or 192)
     elif args.part == "open":
-        single_stream([off, on], OPEN, args.rounds, args.max_tokens or 192)
+        single_stream([off, on, *base], OPEN, args.rounds, args.max_tokens or 192)
     else:
-        concurrency([off, on], args.rounds, args.max_tokens or 128)
+        concurrency([off, on, *base], args.rounds, args.max_tokens or 128)
     return 0
 
 
