@@ -1,25 +1,26 @@
 """Speculative decoding's policy: which drafted tokens ride along with a decoding request in the next step.
 
-Drafts come from one of two sources. `ngram` (prompt lookup): the longest recent n-gram that ends the request's
-tokens and occurred before in its prompt or output is continued with what followed it there. Rewriting,
-extraction, code edits and JSON that quotes its input repeat their context, so these guesses are often right,
-and they cost nothing to make. `draft`: a small model sharing the target's vocabulary, living in the executor
+Drafts come from one of two sources. `ngram` (prompt lookup): the earlier place in the request's prompt or output
+that matches the end of its tokens the longest is continued with what followed it there. Rewriting, extraction,
+code edits and JSON that quotes its input repeat their context, so these guesses are often right, and they cost
+nothing to make. `draft`: a small model sharing the target's vocabulary, living in the executor
 next to the target (`executors/draft_model.py`), drafts greedily; here the policy only grants each request a
 draft length, and the executor fills it. Those guesses cost a draft pass per drafted position.
 
 Verifying is not free, though, and how much it costs decides everything. On this project's CPU a pass of
-1 + k tokens of one sequence costs about a + b·(1 + k) with a ≈ 1.5 b (`bench/verify_cost.py`): the weights sit
-in a 480 MB L3 cache, so a pass is compute-bound and each extra token costs nearly as much as a decode step's
-own token. (On a GPU, where a decode step reads every weight from memory, a is tens of b.) llama-server drafts
-up to 16 tokens whatever the odds and loses; here a draft token goes into the step only while it pays:
+1 + k tokens of one sequence costs about a + b·(1 + k) with a ≈ 0.6–1.75 b by the day (`bench/verify_cost.py`):
+the weights sit in a 480 MB L3 cache, so a pass is compute-bound and each extra token costs nearly as much as a
+decode step's own token. (On a GPU, where a decode step reads every weight from memory, a is tens of b.)
+llama-server drafts up to 16 tokens whatever the odds; here a draft token goes into the step only while it pays:
 
     a token that is kept with probability p is worth adding iff p > U / (F + n)
 
 where n is the step's token count so far, U the useful tokens among them (each real token counts 1, each draft
 token its p), and F = a / b, the step's fixed cost in tokens. It is the condition for the step's useful tokens
-per unit of time to rise. A lone stream drafts when p > 0.36; beside 15 other decodes only when p > 0.9; in a
-step that carries a prompt chunk, practically never — speculation steps aside where the batch already fills
-the machine. p for the j-th draft token (from 1) is α^j, α being the request's recent per-token acceptance.
+per unit of time to rise. With F = 1.75 a lone stream drafts when p > 0.36; beside 15 other decodes only when
+p > 0.9; in a step that carries a prompt chunk, practically never — speculation steps aside where the batch
+already fills the machine. F is measured (`StepCostFit`), p learnt (below): the j-th draft token's p is the product
+of each token's chance of being kept given the match behind it (see BUCKET_EDGES).
 
 A draft model adds passes of its own: one per draft position, every request drafting at that position batched
 in it, a pass of m tokens costing r·(F + m) in the same units, r being a draft pass's time over a target pass's
@@ -28,8 +29,8 @@ in it, a pass of m tokens costing r·(F + m) in the same units, r being a draft 
     p > U·Δ / D,  D = F + n + r·Σ_j (F + m_j),  Δ = 1 + r·(1 + F if the token opens a new draft position else 1)
 
 D being the step's whole cost and Δ what the token adds to it; with r = 0 (n-grams) it is the rule above. A model
-drafting for itself (r ≈ 1) never pays: its first token alone would need p > 1.36 on this CPU. A draft a tenth
-of the target's cost needs p > 0.46 here, and p > 0.15 on a memory-bound chip where F ≈ 20.
+drafting for itself (r ≈ 1) never pays: its first token alone would need p > 1.36 at F = 1.75. A draft a tenth
+of the target's cost needs p > 0.46 there, and p > 0.15 on a memory-bound chip where F ≈ 20.
 
 Verification (in the executor) samples each position with the request's own sampler chain and keeps the drafts
 while they equal what was sampled, plus the first token that differs (or one past the last draft): drafts are
