@@ -9,8 +9,9 @@ and with each of its n-gram `--spec-type`s, on the same prompts in the same run.
 `--baseline DIR` adds `--speculative ngram` as another checkout runs it (`git worktree add DIR <commit>`), to
 measure a change of policy against what it replaces, in the same run.
 
-- repetitive: three prompts whose answer repeats the prompt (spelling correction of a ≈300-token text, a record
-  given as text extracted as JSON, a function edited and written out again); one stream, greedy, 192 tokens.
+- repetitive: three tasks whose answer repeats the prompt (spelling correction of a 100–300-token text, a record
+  given as text extracted as JSON, a function edited and written out again), five variants of each (round i takes
+  variant i); one stream, greedy, 192 tokens.
 - open: three open-ended prompts, one stream, greedy, 192 tokens; Qanat off vs ngram.
 - concurrency: 16 distinct prompts at once, greedy, 128 tokens each; Qanat off vs ngram; aggregate tokens/s.
 - draft: the repetitive prompts (or those named by --prompts), one stream, greedy, 192 tokens; Qanat off vs
@@ -75,18 +76,79 @@ FUNCTION = '''def summarize_orders(orders, currency):
         entry["currency"] = currency
     return result
 '''
-REPETITIVE = {
-    "spelling": f"Correct the spelling mistakes in the following text. Write out the whole corrected text and "
-                f"nothing else.\n\n{TEXT}",
-    "json": "Extract every field of this record as one JSON object with snake_case keys. Answer with the JSON "
-            f"only.\n\n{RECORD}",
-    "code": "Rename the variable `result` to `summary` in this Python function and write out the whole "
-            f"function.\n\n{FUNCTION}",
+SPELLING = "Correct the spelling mistakes in the following text. Write out the whole corrected text and nothing else."
+EXTRACT = "Extract every field of this record as one JSON object with snake_case keys. Answer with the JSON only."
+# Each task in five variants: round i takes variant i, so no server sees a prompt twice (llama-server's ngram-mod
+# and ngram-cache keep n-grams across requests, and would draft a repeated prompt's answer from its last one).
+REPETITIVE: dict[str, list[str]] = {
+    "spelling": [f"{SPELLING}\n\n{text}" for text in (
+        TEXT,
+        "Olive trees grow slowley but they live for centurys. In the spring the farmers prune the branchs so that "
+        "light can reach the center of the tree. The flowers apear in May and the small green fruits form soon "
+        "after. By november the olives turn dark and the harvest begins. Familys spread nets under the trees and "
+        "beat the branchs with long sticks untill the fruit falls. The olives are carried to the mill the same day, "
+        "becuase they spoil quickly once they are picked. At the mill they are crushed into a paste, and the paste "
+        "is pressed to seperate the oil from the water and the pulp. A good tree gives enough oil for a family for "
+        "a whole year.",
+        "The train leaves the station at seven oclock every morning. Pasengers buy their tickets at the small "
+        "window next to the entrence, and the guard checks them before they board. The journey to the coast takes "
+        "about three hours, and the line runs through fields, forrests and two long tunels. Most people read or "
+        "sleep, but childern like to watch the cows and the horses from the window. When the train arrives, a bus "
+        "waits to take travelers to the harbour, where the ferrys leave for the islands twice a day.",
+        "Bread has been baked in the old town for hundreds of years. Every neighbourhood has a comunal oven, and "
+        "early in the morning families send their dough on wooden boards carryed by children. The baker knows each "
+        "famiy by the pattern pressed into their loafs, so nobody takes the wrong bread home. The oven is heated "
+        "with wood and the fire is kept burning all day. In the afternoon the same oven is used to roast meat and "
+        "vegtables for special ocasions, and the smell fills the narow streets around it.",
+        "The library opens at nine oclock and closes at six in the evening. Students come to study in the quite "
+        "reading room on the first floor, where talking is not alowed. Books can be borowed for three weeks, and "
+        "they can be renewed twice if nobody else has reserved them. The library also has a colection of old maps "
+        "and manuscripts, wich can only be read under the supervison of a librarian. Every friday there is a talk "
+        "by a local writter, and entrance is free for everyone.",
+    )],
+    "json": [f"{EXTRACT}\n\n{record}" for record in (
+        RECORD,
+        "Order 55120\nCustomer: Youssef Alami\nEmail: y.alami@mail.example\nPhone: +33 6 12 34 56 78\n"
+        "Product: solar water pump, model SP-400\nQuantity: 2\nUnit price: 389.00 EUR\nShipping: express\n"
+        "Address: 7 Avenue Hassan II, Agadir, Morocco\nOrdered on: 2026-11-03\nStatus: shipped",
+        "Name: Atlas hiking boot\nBrand: Tizi Gear\nSizes: 38, 39, 40, 41, 42, 43, 44\nColour: brown\n"
+        "Weight: 1.2 kg\nWaterproof: yes\nPrice: 129.90 EUR\nIn stock: 54\nWarehouse: Casablanca",
+        "Employee 3318\nFull name: Salma Bennani\nDepartment: logistics\nRole: warehouse supervisor\n"
+        "Start date: 2019-03-18\nOffice: Tangier Med, building C\nEmail: s.bennani@company.example\n"
+        "Phone: +212 539 33 41 20\nManager: Karim Tazi\nContract: permanent, full time\nLanguages: Arabic, French",
+        "Flight AT 205\nFrom: Casablanca (CMN)\nTo: Montreal (YUL)\nDeparture: 2026-12-14 13:35\n"
+        "Arrival: 2026-12-14 17:10\nAircraft: Boeing 787-8\nPassenger: Omar El Idrissi\nSeat: 23A\n"
+        "Baggage: 2 pieces, 23 kg each\nBooking reference: QX7L2M\nStatus: confirmed",
+    )],
+    "code": [
+        "Rename the variable `result` to `summary` in this Python function and write out the whole function."
+        f"\n\n{FUNCTION}",
+        "Add a docstring to this Python function and return the complete function.\n\n"
+        "def moving_average(values, window):\n    if window <= 0:\n        raise ValueError(\"window must be "
+        "positive\")\n    averages = []\n    total = 0.0\n    for i, value in enumerate(values):\n"
+        "        total += value\n        if i >= window:\n            total -= values[i - window]\n"
+        "        if i >= window - 1:\n            averages.append(total / window)\n    return averages\n",
+        "Rename the function `parse_line` to `parse_record` and write out the whole code.\n\n"
+        "def parse_line(line):\n    fields = line.strip().split(\",\")\n    if len(fields) != 3:\n"
+        "        return None\n    name, age, city = fields\n    return {\"name\": name, \"age\": int(age), "
+        "\"city\": city}\n\ndef load(path):\n    records = []\n    with open(path) as f:\n        for line in f:\n"
+        "            record = parse_line(line)\n            if record is not None:\n"
+        "                records.append(record)\n    return records\n",
+        "Add type hints to this Python function and write out the whole function.\n\n"
+        "def count_words(text, ignore_case):\n    counts = {}\n    for word in text.split():\n"
+        "        if ignore_case:\n            word = word.lower()\n        word = word.strip(\".,;:!?\")\n"
+        "        if not word:\n            continue\n        counts[word] = counts.get(word, 0) + 1\n"
+        "    return sorted(counts.items(), key=lambda item: item[1], reverse=True)\n",
+        "Change this Python function so that it returns None instead of raising KeyError, and write out the whole "
+        "function.\n\ndef price_with_tax(catalog, product_id, country):\n    rates = {\"MA\": 0.20, \"FR\": 0.20, "
+        "\"DE\": 0.19, \"ES\": 0.21}\n    product = catalog[product_id]\n    rate = rates[country]\n"
+        "    price = product[\"price\"] * (1 + rate)\n    return round(price, 2)\n",
+    ],
 }
-OPEN = {
-    "story": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
-    "explain": "Explain how a refrigerator works to a ten-year-old.",
-    "ideas": "Give me ideas for a weekend trip with friends, with a short reason for each.",
+OPEN: dict[str, list[str]] = {
+    "story": ["Write a short story about a lighthouse keeper who finds a message in a bottle."],
+    "explain": ["Explain how a refrigerator works to a ten-year-old."],
+    "ideas": ["Give me ideas for a weekend trip with friends, with a short reason for each."],
 }
 TOPICS = ["volcanoes", "the moon", "bees", "the Roman empire", "rainbows", "chess", "penguins", "bread",
           "glaciers", "the violin", "tea", "deserts", "octopuses", "bridges", "comets", "the printing press"]
@@ -175,9 +237,9 @@ def metric(port: int, name: str) -> float:
     return 0.0
 
 
-def single_stream(targets: list[Target], prompts: dict[str, str], rounds: int, max_tokens: int) -> None:
-    """Every target up at once; each round runs every prompt on every target, the order rotating, so a noisy
-    neighbour on the machine hits all targets alike."""
+def single_stream(targets: list[Target], prompts: dict[str, list[str]], rounds: int, max_tokens: int) -> None:
+    """Every target up at once; each round runs every prompt (round i: each task's variant i, cycling) on every
+    target, the order rotating, so a noisy neighbour on the machine hits all targets alike."""
     rows: dict[str, dict[str, list[Run]]] = {t.name: {n: [] for n in prompts} for t in targets}
     acceptance: dict[str, str] = {}
     servers = [start(t) for t in targets]
@@ -185,7 +247,8 @@ def single_stream(targets: list[Target], prompts: dict[str, str], rounds: int, m
         for target in targets:
             chat(target.port, "Hello", 8)  # warm-up
         for i in range(rounds):
-            for name, prompt in prompts.items():
+            for name, variants in prompts.items():
+                prompt = variants[i % len(variants)]
                 for j in range(len(targets)):
                     target = targets[(i + j) % len(targets)]
                     rows[target.name][name].append(chat(target.port, prompt, max_tokens))
@@ -217,10 +280,11 @@ def single_stream(targets: list[Target], prompts: dict[str, str], rounds: int, m
     for target in targets:
         medians = [statistics.median(r.decode_tok_s for r in rows[target.name][n]) for n in names]
         mean = statistics.mean(medians)
-        same = sum(rows[target.name][n][0].text == rows[base][n][0].text for n in names)
-        tokens = "/".join(str(rows[target.name][n][0].tokens) for n in names)
+        pairs = [(mine, theirs) for n in names for mine, theirs in
+                 zip(rows[target.name][n], rows[base][n], strict=True)]
+        same = sum(mine.text == theirs.text for mine, theirs in pairs)
         print(f"| {target.name} | {' | '.join(f'{m:.1f}' for m in medians)} | {mean:.1f} | "
-              f"{mean / base_mean:.2f} | {same}/{len(names)} ({tokens} tokens) | {acceptance[target.name]} |")
+              f"{mean / base_mean:.2f} | {same}/{len(pairs)} | {acceptance[target.name]} |")
 
 
 def concurrency(targets: list[Target], rounds: int, max_tokens: int) -> None:
