@@ -273,9 +273,9 @@ def single_stream(targets: list[Target], prompts: dict[str, list[str]], rounds: 
               file=sys.stderr)
     base = targets[0].name
     names = list(prompts)
-    print(f"\n| target | {' | '.join(f'{n} tok/s' for n in names)} | mean | × {base} | "
+    print(f"\n| target | {' | '.join(f'{n} tok/s' for n in names)} | mean | × {base} | paired × {base} | "
           f"same text as {base} | drafts accepted |")
-    print("|---|" + "---|" * (len(names) + 4))
+    print("|---|" + "---|" * (len(names) + 5))
     base_mean = statistics.mean(statistics.median(r.decode_tok_s for r in rows[base][n]) for n in names)
     for target in targets:
         medians = [statistics.median(r.decode_tok_s for r in rows[target.name][n]) for n in names]
@@ -283,8 +283,11 @@ def single_stream(targets: list[Target], prompts: dict[str, list[str]], rounds: 
         pairs = [(mine, theirs) for n in names for mine, theirs in
                  zip(rows[target.name][n], rows[base][n], strict=True)]
         same = sum(mine.text == theirs.text for mine, theirs in pairs)
+        # Each run against the base's run of the same prompt in the same round (adjacent in time): the machine's
+        # drift between rounds and the variants' own differences cancel.
+        paired = statistics.median(mine.decode_tok_s / theirs.decode_tok_s for mine, theirs in pairs)
         print(f"| {target.name} | {' | '.join(f'{m:.1f}' for m in medians)} | {mean:.1f} | "
-              f"{mean / base_mean:.2f} | {same}/{len(pairs)} | {acceptance[target.name]} |")
+              f"{mean / base_mean:.2f} | {paired:.2f} | {same}/{len(pairs)} | {acceptance[target.name]} |")
 
 
 def concurrency(targets: list[Target], rounds: int, max_tokens: int) -> None:

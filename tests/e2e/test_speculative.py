@@ -225,3 +225,22 @@ def test_a_draft_model_with_another_vocabulary_is_refused_at_start_up(tmp_path: 
     assert out.returncode == 2
     assert f"the draft model {bad} cannot draft for the model {default_model_path()}" in out.stderr
     assert "'hello' vs 'qzxjv'" in out.stderr
+
+
+def test_an_ngram_engine_times_a_passs_fixed_cost_at_load_and_an_engine_without_speculation_does_not() -> None:
+    from qanat.build import build_llamacpp_engine
+    from qanat.config import EngineConfig
+
+    on = build_llamacpp_engine(EngineConfig(ctx=256, parallel=1, speculative="ngram"))
+    try:
+        measured = on.core.executor.facts.step_fixed_cost
+        speculator = on.core.scheduler.speculator
+        assert measured is not None and 0.1 <= measured <= 100
+        assert speculator is not None and speculator.step_cost.fixed_cost_tokens == measured
+    finally:
+        on.shutdown()
+    off = build_llamacpp_engine(EngineConfig(ctx=256, parallel=1))
+    try:
+        assert off.core.executor.facts.step_fixed_cost is None and off.core.scheduler.speculator is None
+    finally:
+        off.shutdown()
