@@ -19,7 +19,7 @@ from qanat.engine.client import EngineClient
 from qanat.engine.core.loop import EngineCore
 from qanat.engine.core.prefix_cache import PrefixCache
 from qanat.engine.core.scheduler import Scheduler
-from qanat.engine.core.speculation import STEP_FIXED_COST_TOKENS, SpeculationConfig, Speculator
+from qanat.engine.core.speculation import SpeculationConfig, Speculator
 from qanat.engine.executors.base import Executor, Tokenizer
 from qanat.engine.executors.fake import FakeSpec, FakeTokenizer
 from qanat.engine.executors.kv_tiers import TierSettings
@@ -110,10 +110,11 @@ def assemble(config: EngineConfig, model_id: str, path: Path, tokenizer: Tokeniz
         log.info("draft model: a one-token draft pass takes %.2f of a target pass's time (measured at load)",
                  facts.draft_cost)
     if config.speculative != "off":
-        fixed = facts.step_fixed_cost if facts.step_fixed_cost is not None else STEP_FIXED_COST_TOKENS
-        log.info("speculation: a pass's fixed cost is %.2f times one more token's (timed at load)", fixed)
-        speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min, fixed,
-                                                  draft_cost=facts.draft_cost, draft_min=config.draft_min))
+        speculator = Speculator(SpeculationConfig(config.speculative, config.draft_max, config.ngram_min,
+                                                  draft_cost=facts.draft_cost, draft_min=config.draft_min,
+                                                  pass_cost_s=facts.pass_cost_s))
+        log.info("speculation: a pass's fixed cost is %.2f times one more token's (timed at load)",
+                 speculator.step_cost.fixed_cost_tokens)
     scheduler = Scheduler(facts.num_slots, facts.context_length, facts.batch_tokens, config.deterministic,
                           prefix_cache=prefix_cache, speculator=speculator)
     core = EngineCore(scheduler, executor, tokenizer, EnergyAccountant(facts.energy_source),

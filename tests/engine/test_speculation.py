@@ -313,18 +313,35 @@ def test_a_request_can_opt_out() -> None:
         on.shutdown()
 
 
-def test_the_step_cost_fit_finds_f_from_steps_of_several_sizes_and_keeps_its_start_without_them() -> None:
-    fit = StepCostFit(1.75)
+def test_the_step_cost_fit_starts_from_the_load_time_measurement_and_follows_the_steps() -> None:
+    assert StepCostFit(1.75).fixed_cost_tokens == 1.75  # nothing measured: F as configured, for good
+    unmeasured = StepCostFit(1.75)
+    unmeasured.observe(4, 0.05)
+    assert unmeasured.fixed_cost_tokens == 1.75
+    fit = StepCostFit(1.75, (0.010, 0.010))  # measured at load: F = 1
+    assert fit.fixed_cost_tokens == pytest.approx(1.0)
     for _ in range(50):
-        fit.observe(1, 0.020)  # one size only: a and b cannot be told apart
-    assert fit.fixed_cost_tokens == 1.75
-    for i in range(300):  # 12 ms + 8 ms per token, ±5 % noise: F = 1.5
+        fit.observe(1, 0.020)  # one size only: consistent with the prior, which keeps F
+    assert fit.fixed_cost_tokens == pytest.approx(1.0, rel=0.05)
+    for i in range(300):  # the engine's steps: 12 ms + 8 ms per token, ±5 % noise: F = 1.5
         n = 1 + i % 9
         fit.observe(n, (0.012 + 0.008 * n) * (1 + 0.05 * ((i * 7919) % 11 - 5) / 5))
-    assert fit.fixed_cost_tokens == pytest.approx(1.5, rel=0.1)
-    for i in range(600):  # the machine changes: now a memory-bound step, 20 ms + 0.5 ms per token
-        fit.observe(1 + i % 9, 0.020 + 0.0005 * (1 + i % 9))
-    assert fit.fixed_cost_tokens == pytest.approx(40, rel=0.1)
+    assert fit.fixed_cost_tokens == pytest.approx(1.5, rel=0.15)
+    gpu = StepCostFit(1.75, (0.020, 0.0005))  # a chip whose pass is memory-bound: F = 40
+    for i in range(300):
+        gpu.observe(1 + i % 9, (0.020 + 0.0005 * (1 + i % 9)) * (1 + 0.05 * ((i * 7919) % 11 - 5) / 5))
+    assert gpu.fixed_cost_tokens > 20
+
+
+def test_stalls_and_noise_never_drive_f_to_nothing() -> None:
+    fit = StepCostFit(1.75, (0.010, 0.010))
+    for i in range(400):  # one-token steps stalled ten times over now and then, drafted steps quick
+        n = 1 if i % 2 else 6
+        fit.observe(n, 0.2 if n == 1 and i % 10 == 1 else 0.010 + 0.012 * n)
+    assert fit.fixed_cost_tokens >= StepCostFit.FLOOR
+    for _ in range(400):  # then a long run of lone decodes only: F stays where the evidence left it
+        fit.observe(1, 0.022)
+    assert StepCostFit.FLOOR <= fit.fixed_cost_tokens < 5
 
 
 def test_an_engine_learns_f_from_its_decode_steps() -> None:

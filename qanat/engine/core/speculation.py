@@ -88,6 +88,9 @@ class SpeculationConfig:
     # step's budget allow), whatever the cost rule says: 0 leaves the rule alone; draft_min = draft_max fixes
     # the length (tests, and measuring what a given length does).
     draft_min: int = 0
+    # (a, b): a pass of n tokens takes a + b·n seconds, as the executor timed it at load; None: F stays at
+    # step_fixed_cost_tokens.
+    pass_cost_s: tuple[float, float] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -179,29 +182,52 @@ class _RequestState:
 
 
 class StepCostFit:
-    """F, learnt from the engine's own decode steps: a decayed least-squares fit of a step's time to a + b·n over
-    steps of n tokens, so that F = a / b follows what a step really costs here — the engine's own per-step work,
-    the contexts' length, other load on the machine — starting from the executor's measurement at load. Speculation
-    itself supplies the spread of n that the fit needs; until there is enough, F stays where it was."""
+    """F, learnt from the engine's own decode steps: a least-squares fit of a step's time to a + b·n over steps of
+    n tokens, so that F = a / b follows what a step really costs here — the engine's own per-step work, the
+    contexts' length, other load on the machine. The executor's measurement at load is the prior: two points that
+    weigh PRIOR_STEPS steps and never fade, so the fit cannot wander off on a few noisy steps, nor sink so low that
+    nothing drafts and no more spread of n comes in. Observed steps fade by DECAY each; a step more than CLIP times
+    off the current fit (the machine stalled) counts as CLIP times off. Without a measurement (a fake executor) F
+    stays as configured."""
 
     DECAY = 0.99  # per observed step: about the last hundred steps count
-    MIN_SPREAD = 1.0  # variance of n (tokens²) below which a and b cannot be told apart
+    PRIOR_STEPS = 20.0
+    CLIP = 3.0
+    FLOOR, CEILING = 0.25, 100.0  # a pass always has some fixed cost; past a hundred tokens' worth it hardly matters
 
-    def __init__(self, fixed_cost_tokens: float) -> None:
+    def __init__(self, fixed_cost_tokens: float, pass_cost_s: tuple[float, float] | None = None) -> None:
         self.fixed_cost_tokens = fixed_cost_tokens
-        self._sums = [0.0] * 5  # Σw, Σw·n, Σw·n², Σw·t, Σw·n·t
+        self._prior = [0.0] * 5  # Σw, Σw·n, Σw·n², Σw·t, Σw·n·t
+        self._seen = [0.0] * 5
+        self._fit: tuple[float, float] | None = pass_cost_s
+        if pass_cost_s is not None:
+            fixed, per_token = pass_cost_s
+            for n in (1, 8):
+                self._prior = self._add(self._prior, self.PRIOR_STEPS / 2, n, fixed + per_token * n)
+            self._refit()
+
+    @staticmethod
+    def _add(sums: list[float], weight: float, n: int, seconds: float) -> list[float]:
+        w, wn, wnn, wt, wnt = sums
+        return [w + weight, wn + weight * n, wnn + weight * n * n, wt + weight * seconds, wnt + weight * n * seconds]
 
     def observe(self, tokens: int, seconds: float) -> None:
-        w, wn, wnn, wt, wnt = (x * self.DECAY for x in self._sums)
-        self._sums = [w + 1, wn + tokens, wnn + tokens * tokens, wt + seconds, wnt + tokens * seconds]
-        w, wn, wnn, wt, wnt = self._sums
-        spread = wnn / w - (wn / w) ** 2
-        if spread < self.MIN_SPREAD:
+        if self._fit is None:
             return
+        fixed, per_token = self._fit
+        expected = fixed + per_token * tokens
+        seconds = min(max(seconds, expected / self.CLIP), expected * self.CLIP)
+        self._seen = self._add([x * self.DECAY for x in self._seen], 1.0, tokens, seconds)
+        self._refit()
+
+    def _refit(self) -> None:
+        w, wn, wnn, wt, wnt = (p + s for p, s in zip(self._prior, self._seen, strict=True))
+        spread = wnn / w - (wn / w) ** 2
         per_token = (wnt / w - wn / w * wt / w) / spread
         fixed = wt / w - per_token * wn / w
-        if per_token > 0 and fixed > 0:
-            self.fixed_cost_tokens = min(fixed / per_token, 100.0)
+        if per_token > 0:
+            self._fit = (max(fixed, 0.0), per_token)
+            self.fixed_cost_tokens = min(max(fixed / per_token, self.FLOOR), self.CEILING)
 
 
 @dataclass
@@ -223,7 +249,7 @@ class Speculator:
     step_cost: StepCostFit = field(init=False)
 
     def __post_init__(self) -> None:
-        self.step_cost = StepCostFit(self.config.step_fixed_cost_tokens)
+        self.step_cost = StepCostFit(self.config.step_fixed_cost_tokens, self.config.pass_cost_s)
 
     def can_draft(self, request: Request) -> bool:
         return (self.config.enabled and request.params.speculative and request.state is RequestState.DECODING

@@ -144,9 +144,9 @@ class ExecutorFacts:
     energy_source: str
     # A draft model's pass over the target's (a one-token decode each, timed at load); 0.0 when there is none.
     draft_cost: float = 0.0
-    # A pass's fixed cost in units of one more token's (F in speculation's cost rule), timed at load when
-    # speculation is on; None when not measured.
-    step_fixed_cost: float | None = None
+    # A pass of n tokens takes about fixed + per_token·n seconds: (fixed, per_token), timed at load when
+    # speculation is on (F in its cost rule is their ratio); None when not measured.
+    pass_cost_s: tuple[float, float] | None = None
 
 
 class Executor(Protocol):

@@ -323,17 +323,17 @@ def time_decode(ctx: Any, tokens: list[int]) -> float:
     return min(times[1:])
 
 
-def measure_step_fixed_cost(ctx: Any, token: int) -> float:
-    """F in speculation's cost rule: a pass of n tokens costs about a + b·n; F = a / b, from a one-token pass and
-    a COST_PROBE_TOKENS-token pass. A memory-bound chip reads every weight once per pass whatever n (F of tens); a
-    CPU whose cache holds a small model computes each token anew (F near 1)."""
+def measure_pass_cost(ctx: Any, token: int) -> tuple[float, float]:
+    """A pass of n tokens costs about a + b·n seconds: (a, b), from a one-token pass and a COST_PROBE_TOKENS-token
+    pass. A memory-bound chip reads every weight once per pass whatever n (a of tens of b); a CPU whose cache holds
+    a small model computes each token anew (a near b)."""
     token = max(token, 0)
     one = time_decode(ctx, [token])
     many = time_decode(ctx, [token] * COST_PROBE_TOKENS)
-    per_token = max((many - one) / (COST_PROBE_TOKENS - 1), 1e-9)
-    fixed = min(max((one - per_token) / per_token, 0.1), 100.0)
-    log.info("a pass of n tokens takes %.2f + %.2f·n ms: F = %.2f", (one - per_token) * 1e3, per_token * 1e3, fixed)
-    return fixed
+    per_token = max((many - one) / (COST_PROBE_TOKENS - 1), one / 100)
+    fixed = max(one - per_token, per_token / 4)
+    log.info("a pass of n tokens takes %.2f + %.2f·n ms", fixed * 1e3, per_token * 1e3)
+    return fixed, per_token
 
 
 @dataclass(frozen=True)
@@ -375,7 +375,7 @@ class LlamaCppExecutor:
         self.tiers = KVTiers(_LlamaSequences(self.ctx, self.memory), spec.tiers,
                              _state_identity(spec.model_path, settings, self.context_length))
         if spec.measure_step_cost:
-            self.facts = replace(self.facts, step_fixed_cost=measure_step_fixed_cost(self.ctx, model.bos_id))
+            self.facts = replace(self.facts, pass_cost_s=measure_pass_cost(self.ctx, model.bos_id))
         self.drafter: DraftModel | None = None
         if spec.draft_model_path is not None:
             from qanat.engine.executors.draft_model import DraftModel  # it imports this module

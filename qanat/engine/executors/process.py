@@ -116,7 +116,7 @@ class ProcessExecutor:
         self.restarts += 1
         facts = self._start()
         # Costs are timed afresh at each start: only a change in what was allocated is news.
-        if replace(facts, draft_cost=self.facts.draft_cost, step_fixed_cost=self.facts.step_fixed_cost) != self.facts:
+        if replace(facts, draft_cost=self.facts.draft_cost, pass_cost_s=self.facts.pass_cost_s) != self.facts:
             log.warning("the restarted executor reports %s, was %s", facts, self.facts)
 
     def close(self) -> None:
