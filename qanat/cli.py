@@ -51,7 +51,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="fewest drafted tokens per speculating request and step, even where the cost model "
                              "says they do not pay (default 0: the cost model decides; = --draft-max fixes the length)")
     parser.add_argument("--ngram-min", type=int, default=defaults.ngram_min,
-                        help="shortest n-gram that prompt lookup matches")
+                        help="shortest match (tokens) that prompt lookup continues")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
