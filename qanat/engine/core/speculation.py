@@ -59,7 +59,7 @@ STEP_FIXED_COST_TOKENS = 1.75
 # followed the source for 20 tokens will likely follow it for one more; one that matched on two tokens is a
 # guess. So acceptance is kept per match-length bucket, as the chance that a token is kept given that the draft
 # tokens before it were: the j-th token of a draft whose match was m tokens long rides on a match of m + j − 1.
-# Each bucket starts from a prior (m / (m + 1.5): 0.4 for one token, 0.84 for eight), learns server-wide (the
+# Each bucket starts from a prior (see _prior: 0.33 after one token, 0.88 after 7–9), learns server-wide (the
 # workload's own rates, fading slowly) and per request (fading by DECAY per verified position, so a request that
 # stops copying its context stops drafting within a step or two). In a step where a draft was found but not worth
 # sending, the request's counts fade by IDLE_DECAY toward the server's rates, so it tries again now and then.
