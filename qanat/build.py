@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from qanat.config import EngineConfig, RuntimeInfo, ServerConfig
+from qanat.config import ConfigError, EngineConfig, RuntimeInfo, ServerConfig
 from qanat.energy.accounting import EnergyAccountant
 from qanat.engine.client import EngineClient
 from qanat.engine.core.loop import EngineCore
@@ -44,8 +44,13 @@ if TYPE_CHECKING:
 def build_llamacpp_engine(config: EngineConfig, in_process: bool = False) -> LocalEngine:
     """The real model: llama.cpp in a child process (`in_process` only for measuring what that costs)."""
     # Imported here: the serving layer and the fake engine never load llama.cpp.
-    from qanat.engine.executors.llamacpp import ContextSettings, LlamaCppSpec, LlamaTokenizer
+    from qanat.engine.executors.llamacpp import ContextSettings, LlamaCppSpec, LlamaTokenizer, verification_is_exact
 
+    if config.deterministic and config.speculative != "off" and not verification_is_exact():
+        raise ConfigError(
+            "--speculative with --deterministic needs llama.cpp built without llamafile (CMAKE_ARGS="
+            "-DGGML_LLAMAFILE=OFF): with it, a verification pass of several tokens sums attention in another order "
+            "than one-token decodes, so outputs would no longer be bit-identical (bench/verify_exactness.py)")
     path = resolve_model_path(config.model)
     draft_path = None
     if config.draft_model is not None:

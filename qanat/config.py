@@ -79,12 +79,6 @@ class EngineConfig:
                  f"(got --speculative {self.speculative})")
         _require(self.draft_model is None or bool(self.draft_model.strip()), "--draft-model must not be empty")
         _require(1 <= self.ngram_min <= 8, f"--ngram-min must be between 1 and 8, got {self.ngram_min}")
-        # A pass of 1 + k tokens of one sequence computes other numbers than a one-token decode with flash
-        # attention off (measured: logits 0.2-0.7 apart), so drafts could change a deterministic greedy output.
-        _require(not (self.deterministic and self.speculative != "off"),
-                 "--speculative cannot be combined with --deterministic: llama.cpp's kernels compute a verification "
-                 "pass of several tokens differently from one-token decodes, so outputs would no longer be "
-                 "bit-identical")
         _require(self.cpu_tdp_w is None or 1 <= self.cpu_tdp_w <= 2000,
                  f"--cpu-tdp-w must be between 1 and 2000 W, got {self.cpu_tdp_w}")
         _require(0 <= self.cache_ram_mib <= 16_777_216,

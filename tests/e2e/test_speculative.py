@@ -245,3 +245,45 @@ def test_an_ngram_engine_times_a_passs_fixed_cost_at_load_and_an_engine_without_
         assert off.core.executor.facts.pass_cost_s is None and off.core.scheduler.speculator is None
     finally:
         off.shutdown()
+
+
+# -- --deterministic: bit for bit, where llama.cpp verifies exactly -------------------------------------------
+
+def _verification_is_exact() -> bool:
+    from qanat.engine.executors.llamacpp import verification_is_exact
+
+    return verification_is_exact()
+
+
+LONG_TEXT = ("The qanat is an ancient sytem for bringing water from the mountians to the dry plains. Builders first "
+             "dig a mother well on the slope of a hill untill they reach the water table. From there they cut a "
+             "gently sloping tunel that carries the water for many kilometers to the fields and the vilages below. "
+             "Each family in the vilage owns a share of the flow, and a water master keeps the count of evry share.")
+
+
+@pytest.mark.skipif(_verification_is_exact(), reason="this llama.cpp verifies exactly: nothing to refuse")
+def test_deterministic_speculation_is_refused_where_llama_cpp_has_tinyblas() -> None:
+    with pytest.raises(RuntimeError, match="without llamafile"):
+        ServerProcess("--ctx", "512", "--parallel", "2", "--deterministic", "--speculative", "ngram").stop()
+
+
+@pytest.mark.skipif(not _verification_is_exact(), reason="needs llama.cpp built with -DGGML_LLAMAFILE=OFF")
+def test_deterministic_speculation_is_bit_for_bit() -> None:
+    off = ServerProcess("--ctx", "1024", "--parallel", "4", "--deterministic")
+    on = ServerProcess("--ctx", "1024", "--parallel", "4", "--deterministic", "--speculative", "ngram")
+    try:
+        clients = [openai.OpenAI(base_url=f"{s.base_url}/v1", api_key="x", max_retries=0, timeout=300)
+                   for s in (off, on)]
+        # Past 256 KV cells, where the default mode's outputs may part; logprobs must match to the bit.
+        for prompt in (f"Correct the spelling of this text and write it out again:\n{LONG_TEXT}",
+                       f"Repeat this text exactly:\n{LONG_TEXT}", PROMPTS[2]):
+            answers = [c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=160, temperature=0, logprobs=True) for c in clients]
+            texts = [a.choices[0].message.content for a in answers]
+            logprobs = [[t.logprob for t in a.choices[0].logprobs.content]  # type: ignore[union-attr]
+                        for a in answers]
+            assert texts[0] == texts[1] and logprobs[0] == logprobs[1]
+        assert on.metric("qanat_spec_decode_num_accepted_tokens_total") > 0
+    finally:
+        off.stop()
+        on.stop()

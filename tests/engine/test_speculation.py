@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -494,13 +495,31 @@ def test_concurrent_draft_mode_requests_match_their_solo_runs() -> None:
         on.shutdown()
 
 
-def test_config_refuses_unknown_modes_and_deterministic_speculation() -> None:
+def test_config_refuses_unknown_modes() -> None:
     with pytest.raises(ConfigError, match="--speculative must be one of"):
         EngineConfig(speculative="medusa")
     with pytest.raises(ConfigError, match="--draft-max"):
         EngineConfig(speculative="ngram", draft_max=0)
-    with pytest.raises(ConfigError, match="--deterministic"):
-        EngineConfig(speculative="ngram", deterministic=True, flash_attn="off")
+
+
+def test_deterministic_mode_verifies_drafts_in_its_decode_steps_and_keeps_its_outputs() -> None:
+    # The fake executor verifies exactly, as llama.cpp without tinyBLAS does: deterministic mode may speculate.
+    config = EngineConfig(ctx=512, parallel=4, batch_tokens=128, max_waiting=8, deterministic=True, flash_attn="off")
+    off, on = build_fake_engine(config), build_fake_engine(replace(config, speculative="ngram"))
+    try:
+        prompts = [repetitive_prompt(off, f"deterministic {i}") for i in range(3)]
+        params = SamplingParams(temperature=0, max_tokens=40)
+        alone = [text_of(run(collect(off, p, params))) for p in prompts]
+
+        async def together() -> list[str]:
+            outs = await asyncio.gather(*(collect(on, p, params) for p in prompts))
+            return [text_of(o) for o in outs]
+
+        assert run(together()) == alone
+        assert on.stats().spec_accepted_tokens > 0
+    finally:
+        off.shutdown()
+        on.shutdown()
 
 
 def test_config_needs_a_draft_model_for_draft_mode_and_draft_mode_for_a_draft_model() -> None:

@@ -96,7 +96,7 @@ class Scheduler:
         self.context_length = context_length
         self.max_batch_tokens = max_batch_tokens
         self.deterministic = deterministic
-        self.speculator = speculator  # drafts tokens for decoding requests; never in deterministic mode
+        self.speculator = speculator  # drafts tokens for decoding requests
         self.slots = [Slot(seq_id=i) for i in range(num_slots)]
         self._slot_by_seq_id = {slot.seq_id: slot for slot in self.slots}
         self.waiting: deque[Request] = deque()
@@ -252,7 +252,10 @@ class Scheduler:
                 n = min(prompt.num_tokens - prompt.num_computed_tokens, self.max_batch_tokens)
                 return [self._chunk(prompt, n)]
         self._last_step_decoded = bool(decoding)
-        return [self._chunk(r, 1) for r in decoding]
+        chunks = [self._chunk(r, 1) for r in decoding]
+        if self.speculator is not None:  # only where the executor verifies exactly (build.py checks it)
+            chunks = self._with_drafts(chunks, self.max_batch_tokens - len(chunks))
+        return chunks
 
     def _chunk(self, request: Request, n: int) -> ScheduledChunk:
         start = request.num_computed_tokens

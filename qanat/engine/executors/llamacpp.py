@@ -60,6 +60,15 @@ def _cpu_has_amx() -> bool:
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
+def verification_is_exact() -> bool:
+    """Whether a pass of several tokens of one sequence computes, with flash attention off, exactly what one-token
+    decodes compute. Not with llamafile's tinyBLAS built in: it takes every matrix product of two or more columns
+    (attention's, on the F16 KV cache) where a one-token decode takes ggml's vec_dot, and sums in another order
+    (bench/verify_exactness.py: logits 0.3-0.8 apart; exactly equal without it)."""
+    _init_backend()
+    return b"LLAMAFILE = 1" not in llama_cpp.llama_print_system_info()
+
+
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
