@@ -27,6 +27,15 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def collect_together(engine: LocalEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[Delta]]:
+    """Every request's deltas, the requests sent at once (so they share the engine's steps)."""
+
+    async def together() -> list[list[Delta]]:
+        return list(await asyncio.gather(*(collect(engine, ids, params) for ids, params in requests)))
+
+    return run(together())
+
+
 def chat_ids(engine: LocalEngine, user: str, system: str | None = None) -> list[int]:
     messages = [{"role": "system", "content": system}] if system else []
     return list(engine.render_sync(ChatPrompt((*messages, {"role": "user", "content": user}))).token_ids)

@@ -19,7 +19,7 @@ from qanat.engine.errors import EngineUnavailableError, InvalidRequestError, Que
 from qanat.engine.executors.fake import EOS, FakeSpec
 from qanat.engine.local import LocalEngine
 from qanat.engine.sampling import ConstraintKind, OutputConstraint, SamplingParams
-from tests.helpers import collect, run, text_of, tokenize, tokens_of
+from tests.helpers import collect, collect_together, run, text_of, tokenize, tokens_of
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 CONFIG = EngineConfig(ctx=256, parallel=4, batch_tokens=64, max_waiting=8)
@@ -39,12 +39,7 @@ def prompts(engine: LocalEngine, n: int, length: int = 30) -> list[list[int]]:
 def test_batched_equals_alone_and_chunked_prefill_equals_whole(fake: LocalEngine) -> None:
     ids = prompts(fake, 6, length=100)  # 100+ tokens each, budget 64: every prompt is prefilled in chunks
     alone = [tokens_of(run(collect(fake, i, GREEDY))) for i in ids]
-
-    async def together() -> list[list[int]]:
-        results = await asyncio.gather(*(collect(fake, i, GREEDY) for i in ids))
-        return [tokens_of(r) for r in results]
-
-    assert run(together()) == alone
+    assert [tokens_of(r) for r in collect_together(fake, [(i, GREEDY) for i in ids])] == alone
     assert all(len(t) == 12 for t in alone) and len({tuple(t) for t in alone}) == 6
 
 

@@ -4,7 +4,6 @@ against its per-sequence "KV", so a token accounted twice or a draft's KV left b
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -27,7 +26,7 @@ from qanat.engine.core.speculation import (
 from qanat.engine.executors.fake import FakeExecutor, FakeSpec
 from qanat.engine.local import LocalEngine
 from qanat.engine.sampling import SamplingParams
-from tests.helpers import collect, run, text_of, tokenize, tokens_of
+from tests.helpers import collect, collect_together, run, text_of, tokenize, tokens_of
 
 CONFIG = EngineConfig(ctx=512, parallel=4, batch_tokens=128, max_waiting=8)
 
@@ -292,12 +291,8 @@ def test_concurrent_requests_with_speculation_match_their_solo_runs(engines: tup
     # Different lengths, so the batch thins out and the last ones draft (a full batch leaves little to gain).
     params = [SamplingParams(temperature=0, max_tokens=20 + 8 * i) for i in range(6)]
     alone = [tokens_of(run(collect(off, p, q))) for p, q in zip(prompts, params, strict=True)]
-
-    async def together() -> list[list[int]]:
-        results = await asyncio.gather(*(collect(on, p, q) for p, q in zip(prompts, params, strict=True)))
-        return [tokens_of(r) for r in results]
-
-    assert run(together()) == alone
+    together = collect_together(on, list(zip(prompts, params, strict=True)))
+    assert [tokens_of(r) for r in together] == alone
     assert on.stats().spec_accepted_tokens > 0
 
 
@@ -483,12 +478,8 @@ def test_concurrent_draft_mode_requests_match_their_solo_runs() -> None:
         prompts = [tokenize(off, f"doc {i} to be drafted") for i in range(6)]  # 6 requests, 4 slots
         params = [SamplingParams(temperature=0, max_tokens=20 + 8 * i) for i in range(6)]
         alone = [tokens_of(run(collect(off, p, q))) for p, q in zip(prompts, params, strict=True)]
-
-        async def together() -> list[list[int]]:
-            results = await asyncio.gather(*(collect(on, p, q) for p, q in zip(prompts, params, strict=True)))
-            return [tokens_of(r) for r in results]
-
-        assert run(together()) == alone
+        together = collect_together(on, list(zip(prompts, params, strict=True)))
+        assert [tokens_of(r) for r in together] == alone
         assert on.stats().spec_accepted_tokens > 0
     finally:
         off.shutdown()
@@ -510,12 +501,7 @@ def test_deterministic_mode_verifies_drafts_in_its_decode_steps_and_keeps_its_ou
         prompts = [repetitive_prompt(off, f"deterministic {i}") for i in range(3)]
         params = SamplingParams(temperature=0, max_tokens=40)
         alone = [text_of(run(collect(off, p, params))) for p in prompts]
-
-        async def together() -> list[str]:
-            outs = await asyncio.gather(*(collect(on, p, params) for p in prompts))
-            return [text_of(o) for o in outs]
-
-        assert run(together()) == alone
+        assert [text_of(o) for o in collect_together(on, [(p, params) for p in prompts])] == alone
         assert on.stats().spec_accepted_tokens > 0
     finally:
         off.shutdown()
