@@ -55,9 +55,14 @@ FLASH_ATTN = {
 }
 
 
-def _cpu_has_amx() -> bool:
+def _built_with(feature: str) -> bool:
+    """Whether llama.cpp's system info lists `feature` as on (e.g. AMX_INT8, LLAMAFILE)."""
     _init_backend()
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+    return f"{feature} = 1".encode() in llama_cpp.llama_print_system_info()
+
+
+def _cpu_has_amx() -> bool:
+    return _built_with("AMX_INT8")
 
 
 def verification_is_exact() -> bool:
@@ -65,8 +70,7 @@ def verification_is_exact() -> bool:
     decodes compute. Not with llamafile's tinyBLAS built in: it takes every matrix product of two or more columns
     (attention's, on the F16 KV cache) where a one-token decode takes ggml's vec_dot, and sums in another order
     (bench/verify_exactness.py: logits 0.3-0.8 apart; exactly equal without it)."""
-    _init_backend()
-    return b"LLAMAFILE = 1" not in llama_cpp.llama_print_system_info()
+    return not _built_with("LLAMAFILE")
 
 
 def _init_backend() -> None:
