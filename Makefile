@@ -15,9 +15,18 @@ PORT ?= 8000
 
 .PHONY: serve test lint bench browser screenshots clean
 
-$(STAMP): pyproject.toml
+# llama-cpp-python is built from its sdist with third_party/llama-cpp-python/*.patch applied (each says why), once
+# per version, patch set and CMAKE_ARGS: the wheel is kept under ~/.cache/qanat, so fresh clones reuse it.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_PATCHES := $(sort $(wildcard third_party/llama-cpp-python/*.patch))
+LLAMA_BUILD_KEY := $(shell (echo $(LLAMA_CPP_PYTHON) $(CMAKE_ARGS); cat $(LLAMA_PATCHES) third_party/llama-cpp-python/build-wheel.sh) | sha256sum | cut -c1-16)
+LLAMA_WHEELHOUSE := $(HOME)/.cache/qanat/llama-cpp-python-$(LLAMA_BUILD_KEY)
+
+$(STAMP): pyproject.toml $(LLAMA_PATCHES) third_party/llama-cpp-python/build-wheel.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	test -d $(LLAMA_WHEELHOUSE) || third_party/llama-cpp-python/build-wheel.sh $(BIN)/pip $(LLAMA_CPP_PYTHON) $(LLAMA_WHEELHOUSE)
+	$(BIN)/pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELHOUSE)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -61,8 +61,11 @@ def _built_with(feature: str) -> bool:
     return f"{feature} = 1".encode() in llama_cpp.llama_print_system_info()
 
 
-def _cpu_has_amx() -> bool:
-    return _built_with("AMX_INT8")
+def _amx_kernels_are_safe() -> bool:
+    """Whether ggml's AMX matmul may run: built by GCC 12 from unpatched sources it faults in the first decode (the
+    compiler drops the stores into its tile configuration; third_party/llama-cpp-python/amx-tile-config.patch).
+    Qanat's Makefile builds llama-cpp-python with that fix and tags its version `+qanat`."""
+    return not _built_with("AMX_INT8") or "+qanat" in llama_cpp.__version__
 
 
 def verification_is_exact() -> bool:
@@ -99,9 +102,9 @@ class LlamaModel:
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = -1  # every layer on the accelerator when the build has one; ignored on CPU
         params.vocab_only = vocab_only  # a tokenizer alone (qanat bench) needs no weights
-        # ggml's AMX matmul (built in by GGML_NATIVE on CPUs that have AMX) segfaulted in the first llama_decode
-        # on this project's Sapphire Rapids machines; without the extra buffer types the AVX-512 kernels run.
-        params.use_extra_bufts = not _cpu_has_amx()
+        # The extra buffer types hold weights repacked for ggml's AMX matmul (Sapphire Rapids and later: prompts
+        # ≈4× and multi-token passes 2-4× faster here); without them the AVX-512 kernels run.
+        params.use_extra_bufts = _amx_kernels_are_safe()
         self.path = path
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
