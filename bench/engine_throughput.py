@@ -3,7 +3,8 @@
 Targets, all on the same model, threads and token-id prompts (see workload.py):
   qanat     our engine (continuous batching) through `LocalEngine.generate`, its llama.cpp executor in a child
             process as `qanat serve` runs it; `--variants process,inprocess` adds the executor in the engine's
-            own process, to measure what the process boundary costs
+            own process, to measure what the process boundary costs; `fa-off` adds the served engine with
+            `--flash-attn off`
   llama     `llama_cpp.Llama`, the same requests one after another (it serves one at a time), in a child process
   server    llama.cpp's C++ `llama-server` over HTTP, when --llama-server-url points at one
 
@@ -71,9 +72,11 @@ def summarize(records: list[RequestRecord], wall_s: float) -> dict[str, Any]:
     }
 
 
-def bench_qanat(prompts: list[list[int]], concurrency: int, parallel: int, in_process: bool) -> dict[str, Any]:
+def bench_qanat(prompts: list[list[int]], concurrency: int, parallel: int, variant: str) -> dict[str, Any]:
     """One closed-loop run on a fresh engine. Call it through `in_child`: each run gets a clean process."""
-    engine = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=parallel, threads=THREADS), in_process=in_process)
+    config = EngineConfig(ctx=1024, parallel=parallel, threads=THREADS,
+                          flash_attn="off" if variant == "qanat_fa-off" else "auto")
+    engine = build_llamacpp_engine(config, in_process=variant == "qanat_inprocess")
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
     async def one(ids: list[int]) -> RequestRecord:
@@ -166,7 +169,8 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--variants", default="process",
-                        help="qanat executors to run: process (as served), inprocess (no boundary), or both")
+                        help="qanat engines to run: process (as served), inprocess (no boundary), fa-off (as served, "
+                             "flash attention off); the first is the one compared with llama-server")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000,
                         help="prompt seed; the default changes per run, so no server has these prompts cached")
     args = parser.parse_args()
@@ -185,7 +189,7 @@ def main() -> int:
                 for name in turns if r % 2 == 0 else reversed(turns):
                     row[name].append(
                         bench_llama_server(args.llama_server_url, prompts, c) if name == "llama_server"
-                        else in_child(bench_qanat, prompts, c, args.parallel, name == "qanat_inprocess"))
+                        else in_child(bench_qanat, prompts, c, args.parallel, name))
                 if c == 1 and r == 0:
                     row["llama_sequential"] = in_child(bench_llama_sequential, prompts)
             results["runs"].append(row)
@@ -220,6 +224,21 @@ def main() -> int:
                   f"{fmt(median_of(p, 'tokens_per_s') / median_of(i, 'tokens_per_s'), 3)} | "  # type: ignore[operator]
                   f"{' / '.join(fmt(r, 3) for r in ratios)} | {fmt(median_of(p, 'boundary_us_per_step'), 0)} | "
                   f"{fmt(median_of(p, 'step_ms'), 1)} |")
+    for other in variants[1:]:
+        if other == "qanat_inprocess":
+            continue
+        print()
+        print(f"| workload | concurrency | {variants[0]} tok/s | {other} tok/s | ratio | ratio per round | "
+              f"TTFT p50 (s) | {other} TTFT p50 (s) |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in results["runs"]:
+            a, b = row[variants[0]], row[other]
+            ratios = [y["tokens_per_s"] / x["tokens_per_s"] for x, y in zip(a, b, strict=True)]
+            print(f"| {row['workload']} | {row['concurrency']} | {fmt(median_of(a, 'tokens_per_s'))} | "
+                  f"{fmt(median_of(b, 'tokens_per_s'))} | "
+                  f"{fmt(median_of(b, 'tokens_per_s') / median_of(a, 'tokens_per_s'), 3)} | "  # type: ignore[operator]
+                  f"{' / '.join(fmt(r, 3) for r in ratios)} | {fmt(median_of(a, 'ttft_median_s'), 2)} | "
+                  f"{fmt(median_of(b, 'ttft_median_s'), 2)} |")
     print()
     print("| single stream (concurrency 1, first round) | qanat | llama_cpp.Llama, one after another | ratio |")
     print("|---|---|---|---|")

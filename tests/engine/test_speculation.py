@@ -23,6 +23,7 @@ from qanat.engine.core.speculation import (
     SuffixIndex,
     bucket_of,
 )
+from qanat.engine.executors.base import PassCost
 from qanat.engine.executors.fake import FakeExecutor, FakeSpec
 from qanat.engine.local import LocalEngine
 from qanat.engine.sampling import SamplingParams
@@ -314,7 +315,7 @@ def test_the_step_cost_fit_starts_from_the_load_time_measurement_and_follows_the
     unmeasured = StepCostFit(1.75)
     unmeasured.observe(4, 0.05)
     assert unmeasured.fixed_cost_tokens == 1.75
-    fit = StepCostFit(1.75, (0.010, 0.010))  # measured at load: F = 1
+    fit = StepCostFit(1.75, PassCost(0.010, 0.010, 0.020))  # measured at load: F = 1
     assert fit.fixed_cost_tokens == pytest.approx(1.0)
     for _ in range(50):
         fit.observe(1, 0.020)  # one size only: consistent with the prior, which keeps F
@@ -323,14 +324,14 @@ def test_the_step_cost_fit_starts_from_the_load_time_measurement_and_follows_the
         n = 1 + i % 9
         fit.observe(n, (0.012 + 0.008 * n) * (1 + 0.05 * ((i * 7919) % 11 - 5) / 5))
     assert fit.fixed_cost_tokens == pytest.approx(1.5, rel=0.15)
-    gpu = StepCostFit(1.75, (0.020, 0.0005))  # a chip whose pass is memory-bound: F = 40
+    gpu = StepCostFit(1.75, PassCost(0.020, 0.0005, 0.0205))  # a chip whose pass is memory-bound: F = 40
     for i in range(300):
         gpu.observe(1 + i % 9, (0.020 + 0.0005 * (1 + i % 9)) * (1 + 0.05 * ((i * 7919) % 11 - 5) / 5))
     assert gpu.fixed_cost_tokens > 20
 
 
 def test_stalls_and_noise_never_drive_f_to_nothing() -> None:
-    fit = StepCostFit(1.75, (0.010, 0.010))
+    fit = StepCostFit(1.75, PassCost(0.010, 0.010, 0.020))
     for i in range(400):  # one-token steps stalled ten times over now and then, drafted steps quick
         n = 1 if i % 2 else 6
         fit.observe(n, 0.2 if n == 1 and i % 10 == 1 else 0.010 + 0.012 * n)
@@ -338,6 +339,33 @@ def test_stalls_and_noise_never_drive_f_to_nothing() -> None:
     for _ in range(400):  # then a long run of lone decodes only: F stays where the evidence left it
         fit.observe(1, 0.022)
     assert StepCostFit.FLOOR <= fit.fixed_cost_tokens < 5
+
+
+
+def test_a_lone_tokens_step_below_the_line_is_learnt_apart_from_it() -> None:
+    # ggml's AMX matmul, measured (bench/verify_cost.py): 12.6 ms for one token, 20.7 for two, 32.6 for eight.
+    fit = StepCostFit(1.75, PassCost(0.0168, 0.00198, 0.0126))
+    assert fit.fixed_cost_tokens == pytest.approx(8.5, rel=0.01)
+    assert fit.one_token_tokens == pytest.approx(6.36, rel=0.01)
+    for _ in range(300):  # the machine slows lone steps down: 16 ms, and drafted steps keep the line
+        fit.observe(1, 0.016)
+        fit.observe(5, 0.0168 + 0.00198 * 5)
+    assert fit.fixed_cost_tokens == pytest.approx(8.5, rel=0.02)
+    assert fit.one_token_tokens == pytest.approx(0.016 / 0.00198, rel=0.1)
+    for _ in range(300):  # never above the line: a lone step costs at most what the line says
+        fit.observe(1, 0.05)
+    assert fit.one_token_tokens == pytest.approx(fit.fixed_cost_tokens + 1)
+
+
+def test_a_lone_stream_weighs_the_first_draft_tokens_move_off_the_one_token_kernel() -> None:
+    speculator = Speculator(SpeculationConfig(mode="ngram", pass_cost_s=PassCost(0.0168, 0.00198, 0.0126)))
+    # A one-token draft kept half the time would pay on the line (1.5 / 10.5 > 1 / 9.5), not from 6.4 units.
+    assert speculator.choose_lengths([("r", [0.5])], 1, 100) == {}
+    # A long likely draft pays for the move: all of it is taken, though its first token alone would not pay.
+    assert speculator.choose_lengths([("r", geometric(0.9)[:8])], 1, 100) == {"r": 8}
+    assert speculator.choose_lengths([("r", geometric(0.9)[:1])], 1, 100) == {"r": 1}  # 1.9 / 10.5 > 1 / 6.4
+    # Beside another decode the step has left the one-token kernel already: the half-kept token pays.
+    assert speculator.choose_lengths([("a", [0.5]), ("b", [])], 2, 100) == {"a": 1}
 
 
 def test_an_engine_learns_f_from_its_decode_steps() -> None:

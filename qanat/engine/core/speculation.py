@@ -7,10 +7,13 @@ nothing to make. `draft`: a small model sharing the target's vocabulary, living 
 next to the target (`executors/draft_model.py`), drafts greedily; here the policy only grants each request a
 draft length, and the executor fills it. Those guesses cost a draft pass per drafted position.
 
-Verifying is not free, though, and how much it costs decides everything. On this project's CPU a pass of
-1 + k tokens of one sequence costs about a + b·(1 + k) with a ≈ 0.6–1.75 b by the day (`bench/verify_cost.py`):
-the weights sit in a 480 MB L3 cache, so a pass is compute-bound and each extra token costs nearly as much as a
-decode step's own token. (On a GPU, where a decode step reads every weight from memory, a is tens of b.)
+Verifying is not free, though, and how much it costs decides everything. On this project's CPU with the AVX-512
+kernels a pass of 1 + k tokens of one sequence costs about a + b·(1 + k) with a ≈ 0.6–1.75 b by the day
+(`bench/verify_cost.py`): the weights sit in a 480 MB L3 cache, so a pass is compute-bound and each extra token
+costs nearly as much as a decode step's own token. With ggml's AMX tiles (same CPU) a ≈ 8 b for passes of two
+tokens or more, while a lone token takes another kernel, ≈ 6 b: the first draft token pays for leaving it
+(`StepCostFit.one_token_tokens`, `Speculator._lone_length`). (On a GPU, where a decode step reads every weight
+from memory, a is tens of b.)
 llama-server drafts up to 16 tokens whatever the odds; here a draft token goes into the step only while it pays:
 
     a token that is kept with probability p is worth adding iff p > U / (F + n)
@@ -45,6 +48,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from qanat.engine.core.request import Request, RequestState
+from qanat.engine.executors.base import PassCost
 
 SPECULATIVE_MODES = ("off", "ngram", "draft")
 MATCH_MAX = 32  # prompt lookup measures a match back to this many tokens
@@ -88,9 +92,8 @@ class SpeculationConfig:
     # step's budget allow), whatever the cost rule says: 0 leaves the rule alone; draft_min = draft_max fixes
     # the length (tests, and measuring what a given length does).
     draft_min: int = 0
-    # (a, b): a pass of n tokens takes a + b·n seconds, as the executor timed it at load; None: F stays at
-    # step_fixed_cost_tokens.
-    pass_cost_s: tuple[float, float] | None = None
+    # What a pass costs, as the executor timed it at load; None: F stays at step_fixed_cost_tokens.
+    pass_cost_s: PassCost | None = None
 
     @property
     def enabled(self) -> bool:
@@ -183,28 +186,41 @@ class _RequestState:
 
 class StepCostFit:
     """F, learnt from the engine's own decode steps: a least-squares fit of a step's time to a + b·n over steps of
-    n tokens, so that F = a / b follows what a step really costs here — the engine's own per-step work, the
-    contexts' length, other load on the machine. The executor's measurement at load is the prior: two points that
-    weigh PRIOR_STEPS steps and never fade, so the fit cannot wander off on a few noisy steps, nor sink so low that
-    nothing drafts and no more spread of n comes in. Observed steps fade by DECAY each; a step more than CLIP times
-    off the current fit (the machine stalled) counts as CLIP times off. Without a measurement (a fake executor) F
-    stays as configured."""
+    n >= 2 tokens, so that F = a / b follows what a step really costs here — the engine's own per-step work, the
+    contexts' length, other load on the machine — and apart from it what a lone token's step costs, in units of b
+    (`one_token_tokens`; below F + 1 where the matmul switches kernels past one row). The executor's measurement at
+    load is the prior: it weighs PRIOR_STEPS steps and never fades, so the fit cannot wander off on a few noisy
+    steps, nor sink so low that nothing drafts and no more spread of n comes in. Observed steps fade by DECAY each;
+    a step more than CLIP times off the current fit (the machine stalled) counts as CLIP times off. Without a
+    measurement (a fake executor) F stays as configured and a lone token's step lies on the line."""
 
     DECAY = 0.99  # per observed step: about the last hundred steps count
     PRIOR_STEPS = 20.0
     CLIP = 3.0
     FLOOR, CEILING = 0.25, 100.0  # a pass always has some fixed cost; past a hundred tokens' worth it hardly matters
 
-    def __init__(self, fixed_cost_tokens: float, pass_cost_s: tuple[float, float] | None = None) -> None:
+    def __init__(self, fixed_cost_tokens: float, pass_cost_s: PassCost | None = None) -> None:
         self.fixed_cost_tokens = fixed_cost_tokens
-        self._prior = [0.0] * 5  # Σw, Σw·n, Σw·n², Σw·t, Σw·n·t
+        self._prior = [0.0] * 5  # Σw, Σw·n, Σw·n², Σw·t, Σw·n·t over steps of two tokens or more
         self._seen = [0.0] * 5
-        self._fit: tuple[float, float] | None = pass_cost_s
+        self._fit: tuple[float, float] | None = None
+        self._one_token = [0.0, 0.0]  # Σw, Σw·t over lone tokens' steps, observed (the prior is added in _refit)
+        self._one_token_prior_s = 0.0
         if pass_cost_s is not None:
-            fixed, per_token = pass_cost_s
-            for n in (1, 8):
+            fixed, per_token, one_token = pass_cost_s
+            for n in (2, 8):
                 self._prior = self._add(self._prior, self.PRIOR_STEPS / 2, n, fixed + per_token * n)
+            self._one_token_prior_s = one_token
             self._refit()
+
+    @property
+    def one_token_tokens(self) -> float:
+        """A lone token's step, in units of one more token's cost."""
+        if self._fit is None:
+            return self.fixed_cost_tokens + 1
+        w, wt = self._one_token
+        seconds = (wt + self.PRIOR_STEPS * self._one_token_prior_s) / (w + self.PRIOR_STEPS)
+        return min(seconds / self._fit[1], self.fixed_cost_tokens + 1)
 
     @staticmethod
     def _add(sums: list[float], weight: float, n: int, seconds: float) -> list[float]:
@@ -215,8 +231,12 @@ class StepCostFit:
         if self._fit is None:
             return
         fixed, per_token = self._fit
-        expected = fixed + per_token * tokens
+        expected = fixed + per_token * tokens if tokens > 1 else per_token * self.one_token_tokens
         seconds = min(max(seconds, expected / self.CLIP), expected * self.CLIP)
+        if tokens == 1:
+            w, wt = self._one_token
+            self._one_token = [w * self.DECAY + 1, wt * self.DECAY + seconds]
+            return
         self._seen = self._add([x * self.DECAY for x in self._seen], 1.0, tokens, seconds)
         self._refit()
 
@@ -302,6 +322,8 @@ class Speculator:
         At most `budget` tokens in all."""
         if not candidates or budget <= 0:
             return {}
+        if batch_tokens == 1 and len(candidates) == 1:
+            return self._lone_length(*candidates[0], budget)
         fixed, ratio = self.step_cost.fixed_cost_tokens, self.config.draft_cost
         chosen: dict[str, int] = {}
         depth_tokens: list[int] = []  # m_j: tokens in the draft model's pass for draft position j (from 0)
@@ -356,6 +378,22 @@ class Speculator:
                 if length < len(chances):
                     heapq.heappush(heap, (-chances[length], j, length + 1))
         return chosen
+
+    def _lone_length(self, request_id: str, chances: list[float], budget: int) -> dict[str, int]:
+        """One request decoding alone. Where the matmul switches kernels past one row, its first draft token also
+        pays for the step's move off the lone-token kernel, and a token-by-token rule would refuse a long, likely
+        draft whose first token alone does not pay; so the length is searched whole: the one whose step yields the
+        most useful tokens per unit of time, a k-token draft's step costing F + 1 + k·(1 + r) + k·r·F."""
+        fixed, ratio = self.step_cost.fixed_cost_tokens, self.config.draft_cost
+        longest = min(len(chances), budget)
+        shortest = min(self.config.draft_min, longest)
+        best, best_rate, useful = 0, 1 / self.step_cost.one_token_tokens, 1.0
+        for length in range(1, longest + 1):
+            useful += chances[length - 1]
+            rate = useful / (fixed + 1 + length * (1 + ratio) + length * ratio * fixed)
+            if length <= shortest or rate > best_rate:
+                best, best_rate = length, rate
+        return {request_id: best} if best else {}
 
     def record(self, request_id: str, drafted: int, accepted: int) -> None:
         """What verifying a `drafted`-token draft kept."""

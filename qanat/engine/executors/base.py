@@ -7,7 +7,7 @@ Implementations: `llamacpp.py` (the real model) and `fake.py` (a deterministic f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from qanat.energy.meters import EnergyMeter
 from qanat.engine.sampling import SamplingParams
@@ -133,6 +133,17 @@ class StepResult:
     drafted: dict[str, int] = field(default_factory=dict)
 
 
+
+class PassCost(NamedTuple):
+    """A pass of n >= 2 tokens takes about fixed_s + per_token_s·n seconds (F in speculation's cost rule is their
+    ratio); a lone token's pass one_token_s, which may lie below that line: a CPU's matmul can switch kernels past
+    one row (ggml's AMX tiles: a 2-token pass costs 1.6 one-token passes here, each further token 0.2)."""
+
+    fixed_s: float
+    per_token_s: float
+    one_token_s: float
+
+
 @dataclass(frozen=True)
 class ExecutorFacts:
     """What the executor learnt when it started: sizes it actually allocated, where it runs, its meter."""
@@ -144,9 +155,8 @@ class ExecutorFacts:
     energy_source: str
     # A draft model's pass over the target's (a one-token decode each, timed at load); 0.0 when there is none.
     draft_cost: float = 0.0
-    # A pass of n tokens takes about fixed + per_token·n seconds: (fixed, per_token), timed at load when
-    # speculation is on (F in its cost rule is their ratio); None when not measured.
-    pass_cost_s: tuple[float, float] | None = None
+    # What a pass costs, timed at load when speculation is on; None when not measured.
+    pass_cost_s: PassCost | None = None
 
 
 class Executor(Protocol):

@@ -31,6 +31,7 @@ from qanat.engine.executors.base import (
     ExecChunk,
     ExecutorFacts,
     ExecutorStartError,
+    PassCost,
     Refusal,
     SampledLogprobs,
     StepBatch,
@@ -339,17 +340,19 @@ def time_decode(ctx: Any, tokens: list[int]) -> float:
     return min(times[1:])
 
 
-def measure_pass_cost(ctx: Any, token: int) -> tuple[float, float]:
-    """A pass of n tokens costs about a + b·n seconds: (a, b), from a one-token pass and a COST_PROBE_TOKENS-token
-    pass. A memory-bound chip reads every weight once per pass whatever n (a of tens of b); a CPU whose cache holds
-    a small model computes each token anew (a near b)."""
+def measure_pass_cost(ctx: Any, token: int) -> PassCost:
+    """What a pass costs: a line through a 2-token and a COST_PROBE_TOKENS-token pass, and a lone token's pass.
+    A memory-bound chip reads every weight once per pass whatever n (fixed of tens of per-token); a CPU whose cache
+    holds a small model computes each token anew (fixed near per-token)."""
     token = max(token, 0)
     one = time_decode(ctx, [token])
+    two = time_decode(ctx, [token] * 2)
     many = time_decode(ctx, [token] * COST_PROBE_TOKENS)
-    per_token = max((many - one) / (COST_PROBE_TOKENS - 1), one / 100)
-    fixed = max(one - per_token, per_token / 4)
-    log.info("a pass of n tokens takes %.2f + %.2f·n ms", fixed * 1e3, per_token * 1e3)
-    return fixed, per_token
+    per_token = max((many - two) / (COST_PROBE_TOKENS - 2), one / 100)
+    fixed = max(two - 2 * per_token, per_token / 4)
+    log.info("a pass of n >= 2 tokens takes %.2f + %.2f·n ms, of one token %.2f ms",
+             fixed * 1e3, per_token * 1e3, one * 1e3)
+    return PassCost(fixed, per_token, one)
 
 
 @dataclass(frozen=True)
