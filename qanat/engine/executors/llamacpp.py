@@ -77,6 +77,15 @@ def verification_is_exact() -> bool:
     return not _built_with("LLAMAFILE")
 
 
+def flash_attention_mode(requested: str) -> str:
+    """`auto` is llama.cpp's own choice (on wherever supported) on an accelerator, and off where llama.cpp runs on
+    the CPU alone: there ggml's flash attention measured slower for every shape (a lone decode 1.4×, a 16-sequence
+    decode step 1.4–2×, a pass of several tokens of one sequence 2–3× past 300 cells; docs/benchmarks.md)."""
+    if requested == "auto" and not llama_cpp.llama_supports_gpu_offload():
+        return "off"
+    return requested
+
+
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
@@ -309,7 +318,7 @@ def new_context(model: LlamaModel, settings: ContextSettings) -> Any:
     params.n_threads = settings.threads
     params.n_threads_batch = settings.threads
     params.kv_unified = False  # a stream per sequence: measured ~20% faster decode steps at 16 sequences
-    params.flash_attn_type = FLASH_ATTN[settings.flash_attn]
+    params.flash_attn_type = FLASH_ATTN[flash_attention_mode(settings.flash_attn)]
     params.no_perf = True
     ctx = llama_cpp.llama_init_from_model(model.ptr, params)
     if not ctx:
@@ -622,7 +631,8 @@ def _state_identity(model_path: Path, settings: ContextSettings, context_length:
         "model_bytes": model_path.stat().st_size, "model_sha256_1mib": head,
         "llama_cpp": llama_cpp.__version__, "libllama_bytes": lib.stat().st_size if lib.exists() else 0,
         "system": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-        "context_length": context_length, "flash_attn": settings.flash_attn, "kv_type": "f16",
+        "context_length": context_length, "flash_attn": flash_attention_mode(settings.flash_attn),
+        "kv_type": "f16",
     }
 
 
