@@ -182,8 +182,10 @@ def baseline(checkout: str | None, port: int) -> list[Target]:
 def llama_server(name: str, port: int, *extra: str) -> Target:
     model = subprocess.run([sys.executable, "-c", "from qanat.models.locate import default_model_path as p; "
                             "print(p())"], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()
+    # Flash attention off, as Qanat's `auto` runs on a CPU (the same ggml kernels, so the same gain); AMX on
+    # (repacked weights) once its libggml-cpu carries third_party/llama-cpp-python/amx-tile-config.patch.
     return Target(name, [str(LLAMA_SERVER), "-m", model, "-t", "2", "-c", "4096", "-np", "1",
-                         "-nr", "--no-webui", *extra], port, False)
+                         "-fa", "off", "--no-webui", *extra], port, False)
 
 
 def start(target: Target) -> Server:

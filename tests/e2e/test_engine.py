@@ -27,8 +27,10 @@ PROMPTS = [
     "Tell me a fun fact about Morocco.",
     "How do airplanes fly?",
 ]
-# Measured: greedy outputs of these 8 prompts batched together equal their single-stream outputs on all
-# 64 tokens we compared (one KV stream per sequence keeps each row's arithmetic the same). We assert 32.
+# Measured with flash attention on: greedy outputs of these 8 prompts batched together equal their single-stream
+# outputs on all 64 tokens we compared (one KV stream per sequence keeps each row's decode arithmetic the same).
+# We assert 32. With it off (`auto` on a CPU) prompts computed in one pass with others differ from alone in the
+# last bits, and one of the 8 parts at a near-tie at its 8th token; bit for bit is --deterministic (below).
 AGREEMENT_TOKENS = 32
 # A prefix-cache hit computes the rest of its prompt in a smaller chunk than a cold run, and llama.cpp's kernels
 # are not bit-identical across chunk sizes. With flash attention (tiled by shape) a hit's first-token
@@ -47,6 +49,13 @@ def no_flash() -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="module")
+def flash() -> Iterator[Engine]:
+    eng = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=8, threads=2, flash_attn="on"))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
 def det() -> Iterator[Engine]:
     eng = build_llamacpp_engine(EngineConfig(ctx=1024, parallel=8, threads=2, deterministic=True))
     yield eng
@@ -59,7 +68,8 @@ def numbers(deltas: list[Delta]) -> list[tuple[int, float, tuple[tuple[int, floa
             for d in deltas if d.logprobs is not None]
 
 
-def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
+def test_batched_greedy_agrees_with_alone(flash: Engine) -> None:
+    engine = flash
     params = SamplingParams(temperature=0, max_tokens=AGREEMENT_TOKENS)
     ids = [chat_ids(engine, p) for p in PROMPTS]
     alone = [tokens_of(run(collect(engine, i, params))) for i in ids]
@@ -76,14 +86,18 @@ def test_batched_greedy_agrees_with_alone(engine: Engine) -> None:
     for prompt, a, b, c in zip(PROMPTS, alone, together, reversed_order, strict=True):
         assert a == b == c, f"batched output drifted for {prompt!r}"
     texts = [detokenize(engine, t) for t in together]
-    # Each answer is on its own prompt's topic: no sequence got another's KV.
+    # Each answer is on its own prompt's topic, in fluent English, not a mixed-up sequence's byte soup: no
+    # sequence got another's KV. All but one: the 135M model may wander (with ggml's AMX kernels it answers the
+    # capital of France with a list of Parisian places, in French); another's KV would derail most of them.
     topics = [("sea", "ocean", "wave"), ("france", "marseill", "paris"), ("photosynthesis",), ("python",),
               ("cat",), ("12",), ("morocco",), ("airplane", "fly", "wing")]
-    for text, words in zip(texts, topics, strict=True):
-        assert any(w in text.lower() for w in words), text
-    for text in texts:  # fluent English, not a mixed-up sequence's byte soup
+
+    def sound(text: str, topic: tuple[str, ...]) -> bool:
         words = text.split()
-        assert len(words) >= 3 and sum(w.isascii() for w in words) / len(words) > 0.8
+        return (any(w in text.lower() for w in topic) and len(words) >= 3
+                and sum(w.isascii() for w in words) / len(words) > 0.8)
+
+    assert sum(sound(text, topic) for text, topic in zip(texts, topics, strict=True)) >= len(texts) - 1, texts
 
 
 def test_deterministic_mode_is_bit_identical_alone_again_and_in_a_crowd(det: Engine) -> None:
@@ -109,11 +123,14 @@ def test_deterministic_mode_is_bit_identical_alone_again_and_in_a_crowd(det: Eng
     assert numbers(alone) == numbers(again) == numbers(crowded)
 
 
-def test_same_seed_same_text_and_different_seeds_differ(engine: Engine) -> None:
-    ids = chat_ids(engine, "Invent a name for a new color and describe it.")
+def test_same_seed_same_text_and_different_seeds_differ(det: Engine) -> None:
+    # In deterministic mode: by default the second run is a prefix-cache hit, its last prompt token computed
+    # alone, whose probabilities differ in the last bits (by more with ggml's AMX kernels, which take another
+    # kernel for one row), enough for a draw to land on the other side of a boundary now and then.
+    ids = chat_ids(det, "Invent a name for a new color and describe it.")
 
     def sample(seed: int) -> str:
-        return text_of(run(collect(engine, ids, SamplingParams(temperature=1.0, seed=seed, max_tokens=40))))
+        return text_of(run(collect(det, ids, SamplingParams(temperature=1.0, seed=seed, max_tokens=40))))
 
     first, again, other = sample(42), sample(42), sample(7)
     assert first == again

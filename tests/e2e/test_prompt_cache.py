@@ -131,12 +131,15 @@ def test_disk_tier_survives_a_restart_and_refuses_other_builds(tmp_path: Path) -
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Who settles disputes?"}]
     first = ServerProcess(*args)
     try:
-        cold_ids, cached, _ = chat(first, messages)
+        cold_ids, cached, cold_logprobs = chat(first, messages)
         assert cached == 0
         fill_over_http(first, "disk test")  # saved to RAM, written behind to disk
         warm_ids, cached_ram, warm_logprobs = chat(first, messages)
         assert cached_ram > 0
-        assert warm_ids[:16] == cold_ids[:16]
+        # The hit computes the prompt's tail alone, in the last bits differently (ggml's AMX kernels take another
+        # kernel for one row): greedy may part at a near-tie, but the first pick's log-probability stays within
+        # a tolerance that wrong KV (another sequence's cells, shifted positions) would exceed by whole nats.
+        assert abs(warm_logprobs[0] - cold_logprobs[0]) < 0.25
     finally:
         first.terminate()
         first.proc.wait(timeout=60)
@@ -159,8 +162,8 @@ def test_disk_tier_survives_a_restart_and_refuses_other_builds(tmp_path: Path) -
     refusing = ServerProcess(*args)
     try:
         ids, cached, _ = chat(refusing, messages)
-        assert cached == 0  # refused, never loaded: computed from scratch
-        assert ids[:16] == cold_ids[:16]
+        assert cached == 0  # refused, never loaded: computed from scratch, as the first server did
+        assert ids == cold_ids
     finally:
         log = refusing.stop()
     assert "written by another model, llama.cpp build or context setting" in log
