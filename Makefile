@@ -2,12 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 
 # Build only the llama.cpp libraries we load: no server, tools, examples, tests or multimodal.
-# GGML_NATIVE (the default) tunes the kernels to this CPU; pip's wheel cache keeps the build for reruns.
+# GGML_NATIVE (the default) tunes the kernels to this CPU. Without llamafile's tinyBLAS a pass of several tokens
+# of one sequence computes exactly what one-token decodes do, so greedy output with speculation equals greedy
+# output without it, and --deterministic may speculate (docs/benchmarks.md, "AMX and flash attention").
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_LLAMAFILE=OFF
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 HOST ?= 127.0.0.1
@@ -21,6 +22,8 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_PATCHES := $(sort $(wildcard third_party/llama-cpp-python/*.patch))
 LLAMA_BUILD_KEY := $(shell (echo $(LLAMA_CPP_PYTHON) $(CMAKE_ARGS); cat $(LLAMA_PATCHES) third_party/llama-cpp-python/build-wheel.sh) | sha256sum | cut -c1-16)
 LLAMA_WHEELHOUSE := $(HOME)/.cache/qanat/llama-cpp-python-$(LLAMA_BUILD_KEY)
+# A new build key (version, patches, CMAKE_ARGS) reinstalls.
+STAMP := $(VENV)/.installed-$(LLAMA_BUILD_KEY)
 
 $(STAMP): pyproject.toml $(LLAMA_PATCHES) third_party/llama-cpp-python/build-wheel.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +31,7 @@ $(STAMP): pyproject.toml $(LLAMA_PATCHES) third_party/llama-cpp-python/build-whe
 	test -d $(LLAMA_WHEELHOUSE) || third_party/llama-cpp-python/build-wheel.sh $(BIN)/pip $(LLAMA_CPP_PYTHON) $(LLAMA_WHEELHOUSE)
 	$(BIN)/pip install --quiet --force-reinstall --no-deps $(LLAMA_WHEELHOUSE)/llama_cpp_python-*.whl
 	$(BIN)/pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
 serve: $(STAMP)

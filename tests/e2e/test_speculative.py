@@ -1,11 +1,9 @@
 """`qanat serve --speculative ngram` and `--speculative draft` (the embedded model drafting for itself) against
 `--speculative off`, real model: the same greedy output (and the same seeded samples), with stop strings, a
-JSON-schema grammar, penalties and logprobs, while drafts are verified and kept. These servers run flash attention
-on (EXACT_PASSES) and prompt plus output stay under 256 tokens: there ggml's flash attention computes a pass of
-several tokens exactly as one-token decodes (past 512 KV cells a lone decode takes a split-KV loop instead). With
-it off, `auto`'s choice on a CPU, the default build's llamafile tinyBLAS takes attention's products of several
-columns, and greedy outputs may part at near-ties, as they do between batched and lone decodes; bit for bit is
-`--deterministic` on a build without llamafile, at the end."""
+JSON-schema grammar, penalties and logprobs, while drafts are verified and kept. With flash attention off (`auto`
+on a CPU) and llama.cpp built without llamafile (the Makefile's build), a pass of several tokens of one sequence
+computes exactly what one-token decodes do (bench/verify_exactness.py), so the outputs are equal at any length;
+`--deterministic` makes them bit for bit whatever else runs (at the end)."""
 
 from __future__ import annotations
 
@@ -23,8 +21,6 @@ import pytest
 
 from tests.e2e.conftest import MODEL
 from tests.e2e.server import ServerProcess
-
-EXACT_PASSES = ("--flash-attn", "on")
 
 TEXT = ("Teh qanat carries watter from the mountins to the vilage. Evry family has a share of the flow, and "
         "the water master keeps the count of evry share.")
@@ -46,8 +42,8 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[openai.OpenAI, openai.OpenAI, ServerProcess]]:
-    off = ServerProcess(*EXACT_PASSES, "--ctx", "512", "--parallel", "2")
-    on = ServerProcess(*EXACT_PASSES, "--ctx", "512", "--parallel", "2", "--speculative", "ngram")
+    off = ServerProcess("--ctx", "512", "--parallel", "2")
+    on = ServerProcess("--ctx", "512", "--parallel", "2", "--speculative", "ngram")
     try:
         yield (openai.OpenAI(base_url=f"{off.base_url}/v1", api_key="x", max_retries=0, timeout=120),
                openai.OpenAI(base_url=f"{on.base_url}/v1", api_key="x", max_retries=0, timeout=120), on)
@@ -118,7 +114,7 @@ def test_a_request_opts_out_with_an_extra_field(pair: tuple[openai.OpenAI, opena
 def drafting() -> Iterator[tuple[openai.OpenAI, ServerProcess]]:
     """`--speculative draft --draft-model default`, the length forced to 4 (the cost rule alone would never let a
     model as costly as the target draft)."""
-    server = ServerProcess(*EXACT_PASSES, "--ctx", "512", "--parallel", "2", "--speculative", "draft",
+    server = ServerProcess("--ctx", "512", "--parallel", "2", "--speculative", "draft",
                            "--draft-model", "default", "--draft-min", "4", "--draft-max", "4")
     try:
         yield openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=120), server
@@ -205,7 +201,7 @@ def test_concurrent_self_drafted_requests_keep_their_drafts_in_step_with_the_tar
 def test_the_cost_rule_never_lets_a_model_as_costly_as_the_target_draft(
         pair: tuple[openai.OpenAI, openai.OpenAI, ServerProcess]) -> None:
     off, _, _ = pair
-    server = ServerProcess(*EXACT_PASSES, "--ctx", "512", "--parallel", "2", "--speculative", "draft",
+    server = ServerProcess("--ctx", "512", "--parallel", "2", "--speculative", "draft",
                            "--draft-model", "default")
     try:
         on = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0, timeout=120)
