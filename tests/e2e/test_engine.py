@@ -171,7 +171,7 @@ def test_stop_string_split_across_tokens_is_never_emitted(engine: Engine) -> Non
     [
         "اكتب جملة قصيرة عن مدينة مراكش.",
         "Décris Paris en une phrase, s'il te plaît.",
-        "Traduis en français : The coffee at the café is very hot.",
+        "Répète exactement : « Le café est très chaud à Fès, même en été. »",
     ],
 )
 def test_multilingual_stream_is_valid_utf8(engine: Engine, prompt: str) -> None:

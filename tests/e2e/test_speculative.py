@@ -65,7 +65,9 @@ def test_greedy_output_is_the_same_with_and_without_speculation(
         assert chat(on, prompt, max_tokens=120, temperature=0) == chat(off, prompt, max_tokens=120, temperature=0)
     drafted = server.metric("qanat_spec_decode_num_draft_tokens_total")
     accepted = server.metric("qanat_spec_decode_num_accepted_tokens_total")
-    assert drafted > 0 and accepted > 0.5 * drafted  # the rewriting prompts repeat their input
+    # The rewriting prompts repeat their input. Where a pass of several tokens is cheap (F ≈ 8 with ggml's AMX
+    # kernels) the cost rule drafts on matches kept 30-40 % of the time too, so the rate is no higher.
+    assert accepted > 30 and accepted > 0.25 * drafted
     assert server.metric("qanat_spec_decode_draft_acceptance_rate") == pytest.approx(accepted / drafted)
 
 
