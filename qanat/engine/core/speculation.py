@@ -204,7 +204,7 @@ class StepCostFit:
         self._prior = [0.0] * 5  # Σw, Σw·n, Σw·n², Σw·t, Σw·n·t over steps of two tokens or more
         self._seen = [0.0] * 5
         self._fit: tuple[float, float] | None = None
-        self._one_token = [0.0, 0.0]  # Σw, Σw·t over lone tokens' steps, observed (the prior is added in _refit)
+        self._one_token = [0.0, 0.0]  # Σw, Σw·t over lone tokens' steps observed (the prior: one_token_tokens)
         self._one_token_prior_s = 0.0
         if pass_cost_s is not None:
             fixed, per_token, one_token = pass_cost_s

@@ -133,7 +133,6 @@ class StepResult:
     drafted: dict[str, int] = field(default_factory=dict)
 
 
-
 class PassCost(NamedTuple):
     """A pass of n >= 2 tokens takes about fixed_s + per_token_s·n seconds (F in speculation's cost rule is their
     ratio); a lone token's pass one_token_s, which may lie below that line: a CPU's matmul can switch kernels past
