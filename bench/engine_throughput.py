@@ -162,6 +162,12 @@ def median_of(rounds: list[dict[str, Any]], key: str) -> float | None:
     return percentile(values, 50) if values else None
 
 
+def speedup(faster: list[dict[str, Any]], slower: list[dict[str, Any]]) -> tuple[float, list[float]]:
+    """Tokens/s of one target over another's: the ratio of their medians, and each round's own ratio."""
+    rounds = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(faster, slower, strict=True)]
+    return median_of(faster, "tokens_per_s") / median_of(slower, "tokens_per_s"), rounds  # type: ignore[operator]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--llama-server-url", default=None)
@@ -204,8 +210,7 @@ def main() -> int:
     for row in results["runs"]:
         q, s = row[variants[0]], row["llama_server"]
         q_tps, s_tps = median_of(q, "tokens_per_s"), median_of(s, "tokens_per_s") if s else None
-        ratio = q_tps / s_tps if s_tps else None
-        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(q, s, strict=True)] if s else []
+        ratio, ratios = speedup(q, s) if s else (None, [])
         per_round = " / ".join(fmt(r, 2) for r in ratios)
         print(f"| {row['workload']} | {row['concurrency']} | {fmt(q_tps)} | {fmt(s_tps)} | {fmt(ratio, 2)} | "
               f"{per_round or '—'} | {fmt(median_of(q, 'ttft_median_s'), 2)} | "
@@ -218,10 +223,9 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|---|")
         for row in results["runs"]:
             p, i = row["qanat_process"], row["qanat_inprocess"]
-            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(p, i, strict=True)]
+            ratio, ratios = speedup(p, i)
             print(f"| {row['workload']} | {row['concurrency']} | {fmt(median_of(p, 'tokens_per_s'))} | "
-                  f"{fmt(median_of(i, 'tokens_per_s'))} | "
-                  f"{fmt(median_of(p, 'tokens_per_s') / median_of(i, 'tokens_per_s'), 3)} | "  # type: ignore[operator]
+                  f"{fmt(median_of(i, 'tokens_per_s'))} | {fmt(ratio, 3)} | "
                   f"{' / '.join(fmt(r, 3) for r in ratios)} | {fmt(median_of(p, 'boundary_us_per_step'), 0)} | "
                   f"{fmt(median_of(p, 'step_ms'), 1)} |")
     for other in variants[1:]:
@@ -233,10 +237,9 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|---|")
         for row in results["runs"]:
             a, b = row[variants[0]], row[other]
-            ratios = [y["tokens_per_s"] / x["tokens_per_s"] for x, y in zip(a, b, strict=True)]
+            ratio, ratios = speedup(b, a)
             print(f"| {row['workload']} | {row['concurrency']} | {fmt(median_of(a, 'tokens_per_s'))} | "
-                  f"{fmt(median_of(b, 'tokens_per_s'))} | "
-                  f"{fmt(median_of(b, 'tokens_per_s') / median_of(a, 'tokens_per_s'), 3)} | "  # type: ignore[operator]
+                  f"{fmt(median_of(b, 'tokens_per_s'))} | {fmt(ratio, 3)} | "
                   f"{' / '.join(fmt(r, 3) for r in ratios)} | {fmt(median_of(a, 'ttft_median_s'), 2)} | "
                   f"{fmt(median_of(b, 'ttft_median_s'), 2)} |")
     print()
